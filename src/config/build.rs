@@ -1,0 +1,788 @@
+//! Validates the parsed file into runtime settings, collecting every problem
+//! (with its key path) instead of stopping at the first.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::header::HeaderName;
+use http::Uri;
+use jsonwebtoken::Algorithm;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::CertificateDer;
+
+use super::file;
+use super::locate::KeyPath;
+use super::secret::{Env, Secret};
+use super::units::{parse_duration, parse_size};
+use super::{resolve, Problems};
+use crate::auth::keys::{self, KeyFamily, KeySet};
+
+/// A validated configuration: what `check` accepts and `run` serves.
+pub struct Config {
+    pub listen: Listen,
+    pub limits: Limits,
+    pub tls: Option<TlsSettings>,
+    pub issuers: Vec<IssuerSettings>,
+    pub auth_server: Option<AuthServerSettings>,
+    pub session: Option<SessionSettings>,
+    pub state: StateSettings,
+    pub routes: Vec<RouteSettings>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Listen {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub drain_timeout: Duration,
+    pub token_cache_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 65_536,
+            drain_timeout: Duration::from_secs(30),
+            token_cache_entries: 100_000,
+        }
+    }
+}
+
+pub struct TlsSettings {
+    pub default: Arc<CertifiedKey>,
+    pub sni: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+}
+
+pub enum KeySource {
+    JwksUrl(Uri),
+    Static(Arc<KeySet>),
+}
+
+pub struct IssuerSettings {
+    pub name: String,
+    pub issuer: String,
+    pub source: KeySource,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: Duration,
+    pub jwks_refresh: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    SecretBasic,
+    SecretPost,
+    None,
+}
+
+pub struct AuthServerSettings {
+    pub token_url: Uri,
+    pub revocation_url: Option<Uri>,
+    pub authorization_url: Option<Uri>,
+    pub login_url: Option<Uri>,
+    pub issuer: Option<String>,
+    pub client_id: String,
+    pub client_secret: Option<Secret<String>>,
+    pub client_auth: ClientAuth,
+    pub scope: Option<String>,
+    pub resource: Option<String>,
+    pub authorize_params: Vec<(String, String)>,
+    pub redirect_uri: Option<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+pub struct SessionSettings {
+    pub cookie_keys: Secret<Vec<[u8; 32]>>,
+    pub access_cookie: String,
+    pub refresh_cookie: String,
+    pub same_site: SameSite,
+    pub secure: bool,
+    pub refresh_ahead: Duration,
+    pub refresh_grace: Duration,
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+    pub login_path: String,
+    pub callback_path: String,
+    pub refresh_path: String,
+    pub logout_path: String,
+    /// Normalised `scheme://host[:port]`, lower-case.
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct StateSettings {
+    pub redis: Option<RedisSettings>,
+}
+
+pub struct RedisSettings {
+    pub url: String,
+    pub password: Option<Secret<String>>,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Required,
+    Optional,
+    None,
+}
+
+pub struct RouteSettings {
+    pub name: String,
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub upstreams: Vec<Uri>,
+    pub strip_prefix: bool,
+    pub ca: Vec<CertificateDer<'static>>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub max_request_body: Option<u64>,
+    pub auth: AuthMode,
+    pub issuer: Option<String>,
+    pub audiences: Vec<String>,
+    pub scopes: Vec<String>,
+    pub forward_token: bool,
+    pub identity_headers: Vec<(HeaderName, String)>,
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
+
+/// Small helper so each check reads as one line.
+struct Ctx<'p, 'a> {
+    p: &'p mut Problems<'a>,
+    base: &'p Path,
+    env: &'p dyn Env,
+}
+
+impl Ctx<'_, '_> {
+    fn duration(&mut self, path: &KeyPath, v: &Option<String>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => parse_duration(s).unwrap_or_else(|m| {
+                self.p.add(path, m);
+                default
+            }),
+        }
+    }
+
+    fn url(&mut self, path: &KeyPath, v: &str) -> Option<Uri> {
+        match v.parse::<Uri>() {
+            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => Some(u),
+            Ok(_) => {
+                self.p.add(path, format!("\"{v}\" must be an absolute http:// or https:// URL"));
+                None
+            }
+            Err(e) => {
+                self.p.add(path, format!("\"{v}\" is not a URL ({e})"));
+                None
+            }
+        }
+    }
+
+    fn opt_url(&mut self, path: &KeyPath, v: &Option<String>) -> Option<Uri> {
+        v.as_ref().and_then(|s| self.url(path, s))
+    }
+
+    fn env(&mut self, path: &KeyPath, var: &str) -> Option<String> {
+        match self.env.var(var) {
+            Some(v) if !v.is_empty() => Some(v),
+            _ => {
+                self.p.add(path, format!("environment variable {var} is not set"));
+                None
+            }
+        }
+    }
+
+    fn file(&self, p: &str) -> PathBuf {
+        resolve(self.base, p)
+    }
+}
+
+pub(super) fn build(
+    f: file::File,
+    problems: &mut Problems<'_>,
+    base: &Path,
+    env: &dyn Env,
+) -> Option<Config> {
+    let mut cx = Ctx { p: problems, base, env };
+    let root = KeyPath::root();
+
+    let listen = build_listen(&mut cx, f.listen.unwrap_or_default(), f.tls.is_some());
+    let limits = build_limits(&mut cx, f.limits.unwrap_or_default());
+    let tls = f.tls.and_then(|t| build_tls(&mut cx, t));
+    let issuers: Vec<_> = f
+        .issuers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, is)| build_issuer(&mut cx, &root.key("issuers").index(i), is))
+        .collect();
+    let mut seen = HashSet::new();
+    for (i, is) in f.issuers.iter().enumerate() {
+        if !seen.insert(is.name.as_str()) {
+            let msg = format!("issuer name \"{}\" is used twice; names must be unique", is.name);
+            cx.p.add(&root.key("issuers").index(i).key("name"), msg);
+        }
+    }
+    let auth_server = f.auth_server.and_then(|a| build_auth_server(&mut cx, a));
+    let session = match f.session {
+        Some(s) => {
+            if auth_server.is_none() {
+                cx.p.add(
+                    &root.key("session"),
+                    "[session] needs an [auth_server] table to refresh tokens with",
+                );
+            }
+            build_session(&mut cx, s)
+        }
+        None => None,
+    };
+    let state = build_state(&mut cx, f.state.unwrap_or_default());
+    let issuer_names: Vec<&str> = f.issuers.iter().map(|i| i.name.as_str()).collect();
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    let mut places = HashMap::new();
+    for (i, r) in f.routes.iter().enumerate() {
+        let path = root.key("routes").index(i);
+        if !names.insert(r.name.as_str()) {
+            cx.p.add(
+                &path.key("name"),
+                format!("route name \"{}\" is used twice; names must be unique", r.name),
+            );
+        }
+        if let Some(route) = build_route(&mut cx, &path, r, &issuer_names) {
+            let place = (route.host.clone(), route.path_prefix.clone());
+            if let Some(other) = places.insert(place, r.name.clone()) {
+                cx.p.add(
+                    &path.key("path_prefix"),
+                    format!("route \"{}\" has the same host and path_prefix as route \"{other}\"", r.name),
+                );
+            }
+            routes.push(route);
+        }
+    }
+    if let Some(s) = &session {
+        for r in &routes {
+            let own = [&s.login_path, &s.callback_path, &s.refresh_path, &s.logout_path];
+            if own.iter().any(|p| **p == r.path_prefix) {
+                let msg =
+                    format!("route \"{}\" uses a [session] endpoint path; the endpoint would win", r.name);
+                cx.p.add(&root.key("routes"), msg);
+            }
+        }
+    }
+    if !cx.p.is_empty() {
+        return None;
+    }
+    Some(Config { listen, limits, tls, issuers, auth_server, session, state, routes })
+}
+
+fn build_listen(cx: &mut Ctx<'_, '_>, l: file::Listen, has_tls: bool) -> Listen {
+    let path = KeyPath::root().key("listen");
+    let mut addr = |key: &str, v: &Option<String>| {
+        v.as_ref().and_then(|s| match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let msg = format!("\"{s}\" is not an address; write IP:PORT, e.g. \"127.0.0.1:8080\"");
+                cx.p.add(&path.key(key), msg);
+                None
+            }
+        })
+    };
+    let out = Listen {
+        http: addr("http", &l.http),
+        https: addr("https", &l.https),
+        admin: addr("admin", &l.admin),
+    };
+    if l.http.is_none() && l.https.is_none() {
+        cx.p.add(&path, "set listen.http or listen.https (at least one listener is needed)");
+    }
+    if l.https.is_some() && !has_tls {
+        cx.p.add(&path.key("https"), "listen.https needs a [tls] table with cert and key");
+    }
+    out
+}
+
+fn build_limits(cx: &mut Ctx<'_, '_>, l: file::Limits) -> Limits {
+    let path = KeyPath::root().key("limits");
+    let d = Limits::default();
+    let mut positive = |key: &str, v: Option<u64>, default: usize| match v {
+        Some(0) if key != "token_cache_entries" => {
+            cx.p.add(&path.key(key), "must be greater than 0");
+            default
+        }
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => default,
+    };
+    let max_connections = positive("max_connections", l.max_connections, d.max_connections);
+    let max_header_bytes = positive("max_header_bytes", l.max_header_bytes, d.max_header_bytes);
+    let token_cache_entries = positive("token_cache_entries", l.token_cache_entries, d.token_cache_entries);
+    if max_header_bytes < 1024 {
+        cx.p.add(&path.key("max_header_bytes"), "must be at least 1024");
+    }
+    Limits {
+        max_connections,
+        max_header_bytes,
+        token_cache_entries,
+        header_read_timeout: cx.duration(
+            &path.key("header_read_timeout"),
+            &l.header_read_timeout,
+            d.header_read_timeout,
+        ),
+        drain_timeout: cx.duration(&path.key("drain_timeout"), &l.drain_timeout, d.drain_timeout),
+    }
+}
+
+fn build_tls(cx: &mut Ctx<'_, '_>, t: file::Tls) -> Option<TlsSettings> {
+    let path = KeyPath::root().key("tls");
+    let default = crate::server::tls::load_certified_key(&cx.file(&t.cert), &cx.file(&t.key))
+        .map_err(|m| cx.p.add(&path.key("cert"), m))
+        .ok();
+    let mut sni = Vec::new();
+    for (i, c) in t.certificates.iter().enumerate() {
+        let p = path.key("certificates").index(i);
+        if c.server_names.is_empty() {
+            cx.p.add(&p.key("server_names"), "list at least one server name");
+        }
+        match crate::server::tls::load_certified_key(&cx.file(&c.cert), &cx.file(&c.key)) {
+            Ok(ck) => sni.push((c.server_names.clone(), ck)),
+            Err(m) => cx.p.add(&p.key("cert"), m),
+        }
+    }
+    Some(TlsSettings { default: default?, sni })
+}
+
+fn build_issuer(cx: &mut Ctx<'_, '_>, path: &KeyPath, is: &file::Issuer) -> Option<IssuerSettings> {
+    let sources = [
+        is.jwks_url.is_some(),
+        is.jwks_file.is_some(),
+        is.public_key_files.is_some(),
+        is.hmac_secret_env.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        cx.p.add(path, "set exactly one of jwks_url, jwks_file, public_key_files, hmac_secret_env");
+        return None;
+    }
+    let hmac = is.hmac_secret_env.is_some();
+    let algorithms = match &is.algorithms {
+        None if hmac => vec![Algorithm::HS256],
+        None => vec![Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA],
+        Some(list) => {
+            let mut out = Vec::new();
+            for (i, a) in list.iter().enumerate() {
+                let p = path.key("algorithms").index(i);
+                if a.eq_ignore_ascii_case("none") {
+                    cx.p.add(&p, "\"none\" is never accepted: unsigned tokens prove nothing");
+                    continue;
+                }
+                match a.parse::<Algorithm>() {
+                    Ok(alg) if hmac != matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => {
+                        let why = if hmac { "an HMAC secret verifies only HS256/HS384/HS512" } else { "HS* algorithms need hmac_secret_env, never a public key" };
+                        cx.p.add(&p, format!("\"{a}\" does not fit this issuer's keys: {why}"));
+                    }
+                    Ok(alg) => out.push(alg),
+                    Err(_) => cx.p.add(&p, format!("unknown algorithm \"{a}\" (known: RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA HS256 HS384 HS512)")),
+                }
+            }
+            if list.is_empty() {
+                cx.p.add(&path.key("algorithms"), "list at least one algorithm");
+            }
+            out
+        }
+    };
+    let leeway = cx.duration(&path.key("leeway"), &is.leeway, Duration::from_secs(30));
+    let jwks_refresh = cx.duration(&path.key("jwks_refresh"), &is.jwks_refresh, DEFAULT_JWKS_REFRESH);
+    if is.issuer.is_empty() {
+        cx.p.add(&path.key("issuer"), "must not be empty: it is the required value of `iss`");
+    }
+    let source = if let Some(u) = &is.jwks_url {
+        KeySource::JwksUrl(cx.url(&path.key("jwks_url"), u)?)
+    } else if let Some(f) = &is.jwks_file {
+        let p = path.key("jwks_file");
+        let bytes =
+            std::fs::read(cx.file(f)).map_err(|e| cx.p.add(&p, format!("cannot read \"{f}\": {e}"))).ok()?;
+        KeySource::Static(Arc::new(
+            keys::parse_jwks(&bytes).map_err(|e| cx.p.add(&p, format!("\"{f}\": {e}"))).ok()?,
+        ))
+    } else if let Some(files) = &is.public_key_files {
+        let mut list = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            let p = path.key("public_key_files").index(i);
+            match std::fs::read(cx.file(f)) {
+                Ok(b) => match keys::parse_pem(&b) {
+                    Ok(k) => list.push(k),
+                    Err(e) => cx.p.add(&p, format!("\"{f}\": {e}")),
+                },
+                Err(e) => cx.p.add(&p, format!("cannot read \"{f}\": {e}")),
+            }
+        }
+        if files.is_empty() {
+            cx.p.add(&path.key("public_key_files"), "list at least one PEM file");
+        }
+        for k in &list {
+            if !algorithms.iter().any(|a| k.family.accepts(*a)) {
+                cx.p.add(
+                    &path.key("algorithms"),
+                    format!("no listed algorithm fits the {:?} key in public_key_files", k.family),
+                );
+            }
+        }
+        KeySource::Static(Arc::new(KeySet::new(list)))
+    } else {
+        let var = is.hmac_secret_env.as_deref().unwrap_or_default();
+        let secret = cx.env(&path.key("hmac_secret_env"), var)?;
+        if secret.len() < 32 {
+            cx.p.add(&path.key("hmac_secret_env"), format!("the secret in {var} is shorter than 32 bytes"));
+        }
+        KeySource::Static(Arc::new(keys::hmac(secret.as_bytes())))
+    };
+    debug_assert!(!algorithms.iter().any(|a| hmac != KeyFamily::Hmac.accepts(*a)));
+    Some(IssuerSettings {
+        name: is.name.clone(),
+        issuer: is.issuer.clone(),
+        source,
+        algorithms,
+        leeway,
+        jwks_refresh,
+    })
+}
+
+fn build_auth_server(cx: &mut Ctx<'_, '_>, a: file::AuthServer) -> Option<AuthServerSettings> {
+    let path = KeyPath::root().key("auth_server");
+    let token_url = cx.url(&path.key("token_url"), &a.token_url);
+    let revocation_url = cx.opt_url(&path.key("revocation_url"), &a.revocation_url);
+    let authorization_url = cx.opt_url(&path.key("authorization_url"), &a.authorization_url);
+    let login_url = cx.opt_url(&path.key("login_url"), &a.login_url);
+    if let Some(r) = &a.redirect_uri {
+        cx.url(&path.key("redirect_uri"), r);
+    }
+    let client_secret =
+        a.client_secret_env.as_ref().and_then(|v| cx.env(&path.key("client_secret_env"), v)).map(Secret::new);
+    let client_auth = match a.client_auth.as_deref() {
+        None if a.client_secret_env.is_some() => ClientAuth::SecretBasic,
+        None => ClientAuth::None,
+        Some("client_secret_basic") => ClientAuth::SecretBasic,
+        Some("client_secret_post") => ClientAuth::SecretPost,
+        Some("none") => ClientAuth::None,
+        Some(other) => {
+            let msg = format!(
+                "\"{other}\" is not one of \"client_secret_basic\", \"client_secret_post\", \"none\""
+            );
+            cx.p.add(&path.key("client_auth"), msg);
+            ClientAuth::None
+        }
+    };
+    if client_auth != ClientAuth::None && a.client_secret_env.is_none() {
+        cx.p.add(
+            &path.key("client_auth"),
+            "client_secret_basic and client_secret_post need client_secret_env",
+        );
+    }
+    if a.client_id.is_empty() {
+        cx.p.add(&path.key("client_id"), "must not be empty");
+    }
+    let timeout = cx.duration(&path.key("timeout"), &a.timeout, Duration::from_secs(5));
+    Some(AuthServerSettings {
+        token_url: token_url?,
+        revocation_url,
+        authorization_url,
+        login_url,
+        issuer: a.issuer,
+        client_id: a.client_id,
+        client_secret,
+        client_auth,
+        scope: a.scope,
+        resource: a.resource,
+        authorize_params: a.authorize_params.into_iter().collect(),
+        redirect_uri: a.redirect_uri,
+        timeout,
+    })
+}
+
+fn build_session(cx: &mut Ctx<'_, '_>, s: file::Session) -> Option<SessionSettings> {
+    let path = KeyPath::root().key("session");
+    let mut keys = Vec::new();
+    if let Some(raw) = cx.env(&path.key("cookie_key_env"), &s.cookie_key_env) {
+        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(part).ok();
+            match decoded.and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok()) {
+                Some(k) => keys.push(k),
+                None => {
+                    let msg = format!("{} must hold base64 32-byte keys, comma-separated (make one with `portcullis keygen`)", s.cookie_key_env);
+                    cx.p.add(&path.key("cookie_key_env"), msg);
+                }
+            }
+        }
+    }
+    let secure = s.secure.unwrap_or(true);
+    let default_name =
+        |kind: &str| if secure { format!("__Host-{kind}") } else { format!("portcullis-{kind}") };
+    let access_cookie = s.access_cookie.unwrap_or_else(|| default_name("access"));
+    let refresh_cookie = s.refresh_cookie.unwrap_or_else(|| default_name("refresh"));
+    for (key, name) in [("access_cookie", &access_cookie), ("refresh_cookie", &refresh_cookie)] {
+        if !secure && name.starts_with("__Host-") {
+            cx.p.add(&path.key(key), format!("\"{name}\": browsers refuse __Host- cookies without Secure; rename it or set secure = true"));
+        }
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            cx.p.add(
+                &path.key(key),
+                format!("\"{name}\" is not a valid cookie name (letters, digits, - _ .)"),
+            );
+        }
+    }
+    if access_cookie == refresh_cookie {
+        cx.p.add(&path.key("refresh_cookie"), "must differ from access_cookie");
+    }
+    let same_site = match s.same_site.as_deref().unwrap_or("lax") {
+        "lax" => SameSite::Lax,
+        "strict" => SameSite::Strict,
+        "none" => SameSite::None,
+        other => {
+            cx.p.add(
+                &path.key("same_site"),
+                format!("\"{other}\" is not one of \"lax\", \"strict\", \"none\""),
+            );
+            SameSite::Lax
+        }
+    };
+    if same_site == SameSite::None && !secure {
+        cx.p.add(&path.key("same_site"), "browsers refuse SameSite=None without Secure; set secure = true");
+    }
+    let mut p = |key: &str, v: Option<String>, default: &str| {
+        let v = v.unwrap_or_else(|| default.to_owned());
+        if !v.starts_with('/') {
+            cx.p.add(&path.key(key), format!("\"{v}\" must start with /"));
+        }
+        v
+    };
+    let login_path = p("login_path", s.login_path, "/auth/login");
+    let callback_path = p("callback_path", s.callback_path, "/auth/callback");
+    let refresh_path = p("refresh_path", s.refresh_path, "/auth/refresh");
+    let logout_path = p("logout_path", s.logout_path, "/auth/logout");
+    let mut allowed_origins = Vec::new();
+    for (i, o) in s.allowed_origins.iter().enumerate() {
+        match o.parse::<Uri>() {
+            Ok(u)
+                if u.scheme().is_some()
+                    && u.authority().is_some()
+                    && u.path_and_query().is_none_or(|pq| pq.as_str() == "/" || pq.as_str().is_empty()) =>
+            {
+                allowed_origins.push(
+                    format!(
+                        "{}://{}",
+                        u.scheme_str().unwrap_or_default(),
+                        u.authority().map(|a| a.as_str()).unwrap_or_default()
+                    )
+                    .to_ascii_lowercase(),
+                );
+            }
+            _ => cx.p.add(
+                &path.key("allowed_origins").index(i),
+                format!("\"{o}\" is not an origin; write scheme://host[:port]"),
+            ),
+        }
+    }
+    let refresh_ahead = cx.duration(&path.key("refresh_ahead"), &s.refresh_ahead, Duration::from_secs(30));
+    let refresh_grace = cx.duration(&path.key("refresh_grace"), &s.refresh_grace, Duration::from_secs(30));
+    let idle_timeout =
+        cx.duration(&path.key("idle_timeout"), &s.idle_timeout, Duration::from_secs(7 * 86_400));
+    let absolute_timeout =
+        cx.duration(&path.key("absolute_timeout"), &s.absolute_timeout, Duration::from_secs(30 * 86_400));
+    if idle_timeout > absolute_timeout {
+        cx.p.add(&path.key("idle_timeout"), "must not exceed absolute_timeout");
+    }
+    if keys.is_empty() {
+        return None;
+    }
+    Some(SessionSettings {
+        cookie_keys: Secret::new(keys),
+        access_cookie,
+        refresh_cookie,
+        same_site,
+        secure,
+        refresh_ahead,
+        refresh_grace,
+        idle_timeout,
+        absolute_timeout,
+        login_path,
+        callback_path,
+        refresh_path,
+        logout_path,
+        allowed_origins,
+    })
+}
+
+fn build_state(cx: &mut Ctx<'_, '_>, s: file::State) -> StateSettings {
+    let path = KeyPath::root().key("state");
+    let Some(url) = s.redis_url else {
+        if s.redis_password_env.is_some() || s.key_prefix.is_some() {
+            cx.p.add(&path, "redis_password_env and key_prefix need redis_url");
+        }
+        return StateSettings::default();
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        cx.p.add(&path.key("redis_url"), format!("\"{url}\" must start with redis:// or rediss://"));
+    }
+    let password = s
+        .redis_password_env
+        .as_ref()
+        .and_then(|v| cx.env(&path.key("redis_password_env"), v))
+        .map(Secret::new);
+    let key_prefix = s.key_prefix.unwrap_or_else(|| "portcullis:".to_owned());
+    StateSettings { redis: Some(RedisSettings { url, password, key_prefix }) }
+}
+
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "authorization",
+    "cookie",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+];
+
+fn build_route(
+    cx: &mut Ctx<'_, '_>,
+    path: &KeyPath,
+    r: &file::Route,
+    issuers: &[&str],
+) -> Option<RouteSettings> {
+    let start = cx.p.list.len();
+    let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
+    if let Some(h) = &host {
+        if h.is_empty() || h.contains(['/', ':', ' ']) {
+            cx.p.add(
+                &path.key("host"),
+                format!("\"{h}\" must be a bare host name (no scheme, port or path)"),
+            );
+        }
+    }
+    let mut prefix = r.path_prefix.clone().unwrap_or_else(|| "/".to_owned());
+    if !prefix.starts_with('/') {
+        cx.p.add(&path.key("path_prefix"), format!("\"{prefix}\" must start with /"));
+    }
+    while prefix.len() > 1 && prefix.ends_with('/') {
+        prefix.pop();
+    }
+    let raw: Vec<(KeyPath, &String)> = match (&r.upstream, &r.upstreams) {
+        (Some(u), None) => vec![(path.key("upstream"), u)],
+        (None, Some(list)) if !list.is_empty() => {
+            list.iter().enumerate().map(|(i, u)| (path.key("upstreams").index(i), u)).collect()
+        }
+        (Some(_), Some(_)) => {
+            cx.p.add(&path.key("upstreams"), "set either upstream or upstreams, not both");
+            vec![]
+        }
+        _ => {
+            cx.p.add(path, "set upstream = \"http://host:port\" (or upstreams = [...])");
+            vec![]
+        }
+    };
+    let upstreams: Vec<Uri> = raw.iter().filter_map(|(p, u)| cx.url(p, u)).collect();
+    let ca = match &r.ca_file {
+        Some(f) => crate::server::tls::load_certs(&cx.file(f))
+            .map_err(|m| cx.p.add(&path.key("ca_file"), m))
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let auth = match r.auth.as_deref() {
+        None if r.issuer.is_some() => AuthMode::Required,
+        None => AuthMode::None,
+        Some("required") => AuthMode::Required,
+        Some("optional") => AuthMode::Optional,
+        Some("none") => AuthMode::None,
+        Some(other) => {
+            cx.p.add(
+                &path.key("auth"),
+                format!("\"{other}\" is not one of \"required\", \"optional\", \"none\""),
+            );
+            AuthMode::Required
+        }
+    };
+    match &r.issuer {
+        Some(name) if !issuers.contains(&name.as_str()) => {
+            let known = if issuers.is_empty() { "none defined".to_owned() } else { issuers.join(", ") };
+            cx.p.add(&path.key("issuer"), format!("unknown issuer \"{name}\" (known: {known})"));
+        }
+        None if auth != AuthMode::None => {
+            cx.p.add(
+                &path.key("auth"),
+                "a route that checks tokens needs `issuer` naming one of [[issuers]]",
+            );
+        }
+        _ => {}
+    }
+    let max_request_body = r
+        .max_request_body
+        .as_ref()
+        .and_then(|s| parse_size(s).map_err(|m| cx.p.add(&path.key("max_request_body"), m)).ok());
+    let mut identity_headers = Vec::new();
+    match &r.identity_headers {
+        None => identity_headers.push((HeaderName::from_static("x-auth-subject"), "sub".to_owned())),
+        Some(map) => {
+            for (name, claim) in map {
+                let p = path.key("identity_headers").key(name);
+                match HeaderName::from_bytes(name.as_bytes()) {
+                    Ok(h) if RESERVED_HEADERS.contains(&h.as_str()) => {
+                        cx.p.add(&p, format!("\"{name}\" is managed by the proxy and cannot carry a claim"));
+                    }
+                    Ok(h) => identity_headers.push((h, claim.clone())),
+                    Err(_) => cx.p.add(&p, format!("\"{name}\" is not a valid header name")),
+                }
+            }
+        }
+    }
+    let connect_timeout =
+        cx.duration(&path.key("connect_timeout"), &r.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    let timeout = cx.duration(&path.key("timeout"), &r.timeout, DEFAULT_UPSTREAM_TIMEOUT);
+    if cx.p.list.len() != start {
+        return None;
+    }
+    Some(RouteSettings {
+        name: r.name.clone(),
+        host,
+        path_prefix: prefix,
+        upstreams,
+        strip_prefix: r.strip_prefix,
+        ca,
+        connect_timeout,
+        timeout,
+        max_request_body,
+        auth,
+        issuer: r.issuer.clone(),
+        audiences: r.audiences.clone(),
+        scopes: r.scopes.clone(),
+        forward_token: r.forward_token.unwrap_or(true),
+        identity_headers,
+    })
+}

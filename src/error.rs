@@ -1,0 +1,191 @@
+//! `ProxyError` and the single place where an error becomes a status code,
+//! a `WWW-Authenticate` header and a JSON body.
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::auth::AuthError;
+use crate::body::{error_body, Body};
+use crate::forward::ForwardError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches")]
+    NoRoute,
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+}
+
+impl ProxyError {
+    /// The `error` code of SPEC §4, also the `reason` label of rejection metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::Auth(e) => e.code(),
+            ProxyError::Forward(e) => match e {
+                ForwardError::Connect { .. } | ForwardError::Upstream { .. } => "bad_gateway",
+                ForwardError::ConnectTimeout { .. } | ForwardError::Timeout { .. } => "gateway_timeout",
+                ForwardError::BodyTooLarge { .. } => "body_too_large",
+            },
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let code = self.code();
+        let (status, description, www) = match &self {
+            ProxyError::NoRoute => {
+                (StatusCode::NOT_FOUND, "no route matches this host and path".to_owned(), None)
+            }
+            ProxyError::Forward(e) => match e {
+                ForwardError::Connect { .. } => {
+                    (StatusCode::BAD_GATEWAY, "the upstream refused the connection".to_owned(), None)
+                }
+                ForwardError::Upstream { .. } => {
+                    (StatusCode::BAD_GATEWAY, "the upstream failed the exchange".to_owned(), None)
+                }
+                ForwardError::ConnectTimeout { .. } => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the upstream did not accept the connection in time".to_owned(),
+                    None,
+                ),
+                ForwardError::Timeout { .. } => {
+                    (StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time".to_owned(), None)
+                }
+                ForwardError::BodyTooLarge { limit, .. } => {
+                    (StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {limit} bytes"), None)
+                }
+            },
+            ProxyError::Auth(e) => match e {
+                AuthError::Missing => (
+                    StatusCode::UNAUTHORIZED,
+                    "an access token is required".to_owned(),
+                    Some("Bearer realm=\"portcullis\"".to_owned()),
+                ),
+                AuthError::Invalid(reason) => (
+                    StatusCode::UNAUTHORIZED,
+                    reason.description().to_owned(),
+                    Some(format!(
+                        "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"",
+                        reason.description()
+                    )),
+                ),
+                AuthError::InsufficientScope { scope } => (
+                    StatusCode::FORBIDDEN,
+                    format!("the token lacks scope {scope}"),
+                    Some(format!(
+                        "Bearer realm=\"portcullis\", error=\"insufficient_scope\", scope=\"{scope}\""
+                    )),
+                ),
+                AuthError::Csrf => (
+                    StatusCode::FORBIDDEN,
+                    "cookie-authenticated request from a foreign origin".to_owned(),
+                    None,
+                ),
+                AuthError::SessionOver => (
+                    StatusCode::UNAUTHORIZED,
+                    "the session has ended; log in again".to_owned(),
+                    Some("Bearer realm=\"portcullis\", error=\"invalid_token\"".to_owned()),
+                ),
+                AuthError::AuthServerDown => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the authorization server is unavailable; retry shortly".to_owned(),
+                    None,
+                ),
+                AuthError::KeysUnavailable { .. } => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the token issuer's keys are not loaded yet".to_owned(),
+                    None,
+                ),
+            },
+        };
+        let mut resp = error_body(status, code, &description);
+        if let Some(www) = www.and_then(|w| HeaderValue::try_from(w).ok()) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, www);
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}
+
+/// Answers for problems hyper's connection layer reports before a request exists.
+pub fn bad_request(description: &str) -> Response<Body> {
+    error_body(StatusCode::BAD_REQUEST, "bad_request", description)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::InvalidReason;
+
+    fn status_of(e: impl Into<ProxyError>) -> (u16, String, Option<String>) {
+        let e = e.into();
+        let code = e.code().to_owned();
+        let r = e.into_response();
+        let www = r.headers().get(header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_owned());
+        (r.status().as_u16(), code, www)
+    }
+
+    #[test]
+    fn no_route_maps_to_404() {
+        assert_eq!(status_of(ProxyError::NoRoute).0, 404);
+    }
+
+    #[test]
+    fn missing_token_maps_to_401_without_error_attribute() {
+        let (s, c, w) = status_of(AuthError::Missing);
+        assert_eq!(
+            (s, c.as_str(), w.as_deref()),
+            (401, "missing_token", Some("Bearer realm=\"portcullis\""))
+        );
+    }
+
+    #[test]
+    fn invalid_token_maps_to_401_with_error() {
+        let (s, c, w) = status_of(AuthError::Invalid(InvalidReason::Expired));
+        assert_eq!((s, c.as_str()), (401, "invalid_token"));
+        assert!(w.unwrap().contains("error=\"invalid_token\""));
+    }
+
+    #[test]
+    fn insufficient_scope_maps_to_403() {
+        let (s, c, w) = status_of(AuthError::InsufficientScope { scope: "a:b".into() });
+        assert_eq!((s, c.as_str()), (403, "insufficient_scope"));
+        assert!(w.unwrap().contains("scope=\"a:b\""));
+    }
+
+    #[test]
+    fn session_over_maps_to_401() {
+        let (s, c, w) = status_of(AuthError::SessionOver);
+        assert_eq!((s, c.as_str()), (401, "session_expired"));
+        assert_eq!(w.as_deref(), Some("Bearer realm=\"portcullis\", error=\"invalid_token\""));
+    }
+
+    #[test]
+    fn auth_server_down_maps_to_503() {
+        assert_eq!(status_of(AuthError::AuthServerDown).0, 503);
+        assert_eq!(status_of(AuthError::KeysUnavailable { issuer: "x".into() }).1, "keys_unavailable");
+        assert_eq!(status_of(AuthError::Csrf).0, 403);
+    }
+
+    #[test]
+    fn upstream_failures_map_to_502_504_413() {
+        let r = || "r".to_owned();
+        let a = || "a".to_owned();
+        assert_eq!(
+            status_of(ForwardError::Connect { route: r(), authority: a(), source: "x".into() }).0,
+            502
+        );
+        assert_eq!(
+            status_of(ForwardError::Upstream { route: r(), authority: a(), source: "x".into() }).0,
+            502
+        );
+        assert_eq!(status_of(ForwardError::ConnectTimeout { route: r(), authority: a() }).0, 504);
+        let t =
+            ForwardError::Timeout { route: r(), authority: a(), timeout: std::time::Duration::from_secs(1) };
+        assert_eq!(status_of(t).0, 504);
+        assert_eq!(status_of(ForwardError::BodyTooLarge { route: r(), limit: 1 }).0, 413);
+    }
+}

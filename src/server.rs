@@ -1,0 +1,245 @@
+//! Listeners: the accept loop (hyper-util `server_graceful` shape), TLS handshake
+//! with a timeout, HTTP/1.1 + HTTP/2 with upgrades, a connection limit per
+//! listener, and a bounded drain on shutdown.
+
+pub mod tls;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Config;
+use crate::state::{BuildError, Conn, Shared, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} (listen.{key})")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+/// The addresses actually bound (useful with port 0).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Addrs {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Http,
+    Https,
+    Admin,
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+    listeners: Vec<(Kind, TcpListener)>,
+    addrs: Addrs,
+}
+
+impl Server {
+    /// Builds the runtime state and binds every configured listener.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let listen = config.listen.clone();
+        let shared = Shared::new(Snapshot::build(config)?);
+        let mut listeners = Vec::new();
+        let mut addrs = Addrs::default();
+        for (kind, key, addr) in [
+            (Kind::Http, "http", listen.http),
+            (Kind::Https, "https", listen.https),
+            (Kind::Admin, "admin", listen.admin),
+        ] {
+            let Some(addr) = addr else { continue };
+            let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { key, addr, source })?;
+            let local = l.local_addr().map_err(|source| StartError::Bind { key, addr, source })?;
+            match kind {
+                Kind::Http => addrs.http = Some(local),
+                Kind::Https => addrs.https = Some(local),
+                Kind::Admin => addrs.admin = Some(local),
+            }
+            listeners.push((kind, l));
+        }
+        Ok(Self { shared, listeners, addrs })
+    }
+
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and drains in-flight
+    /// requests for at most `limits.drain_timeout`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut loops = Vec::new();
+        for (kind, listener) in self.listeners {
+            let shared = self.shared.clone();
+            let stop = stop_rx.clone();
+            loops.push(tokio::spawn(accept_loop(kind, listener, shared, stop, graceful.clone())));
+        }
+        shutdown.await;
+        self.shared.draining.store(true, Ordering::SeqCst);
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
+        let _ = stop_tx.send(true);
+        for l in loops {
+            let _ = l.await;
+        }
+        // The accept loops held the only other references.
+        let Ok(graceful) = Arc::try_unwrap(graceful) else { return };
+        let drain = self.shared.current.load().limits.drain_timeout;
+        match tokio::time::timeout(drain, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("drained"),
+            Err(_) => {
+                tracing::warn!(timeout = ?drain, "drain timeout reached; closing remaining connections")
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    kind: Kind,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+) {
+    let limit = shared.current.load().limits.max_connections;
+    let permits = Arc::new(Semaphore::new(limit));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.changed() => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.changed() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            shared.open_connections.fetch_add(1, Ordering::Relaxed);
+            serve_connection(kind, stream, peer, &shared, watcher).await;
+            shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+fn builder(snap: &Snapshot) -> auto::Builder<TokioExecutor> {
+    let limits = &snap.limits;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper needs at least 8 KiB of read buffer.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    b
+}
+
+async fn serve_connection(
+    kind: Kind,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let snap = shared.current.load_full();
+    let builder = builder(&snap);
+    match kind {
+        Kind::Admin => {
+            let shared = shared.clone();
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(crate::admin::handle(req, &shared).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn.into_owned()).await;
+        }
+        Kind::Http => {
+            let conn = Conn { peer, tls: false };
+            let svc = proxy_service(shared.clone(), conn);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+        }
+        Kind::Https => {
+            let Some(tls) = snap.tls.clone() else { return };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            let handshake =
+                tokio::time::timeout(snap.limits.header_read_timeout, acceptor.accept(stream)).await;
+            let stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::info!(peer = %peer, failure = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(peer = %peer, failure = "timeout", "TLS handshake failed");
+                    return;
+                }
+            };
+            let conn = Conn { peer, tls: true };
+            let svc = proxy_service(shared.clone(), conn);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+        }
+    }
+}
+
+fn proxy_service(
+    shared: Arc<Shared>,
+    conn: Conn,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<crate::body::Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<crate::body::Body>, Infallible>> + Send,
+> + Clone {
+    let conn = Arc::new(conn);
+    service_fn(move |req| {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        async move {
+            // Each request keeps the configuration it started with, even across a reload.
+            let snap = shared.current.load_full();
+            Ok::<_, Infallible>(crate::proxy::handle(req, &conn, &snap, &shared).await)
+        }
+    })
+}
