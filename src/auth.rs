@@ -2,13 +2,20 @@
 //! verification against the route's issuer and policy, and the `Admitted` value
 //! without which nothing is forwarded.
 
+pub mod cache;
+pub mod jwks;
+pub mod jwt;
 pub mod keys;
+pub mod revocation;
 
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::{AuthMode, RouteSettings};
+use crate::state::{Route, Shared};
+use jwks::KeyStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -130,10 +137,22 @@ impl Claims {
     }
 }
 
+/// Where a verified token came from; a header token is forwarded as the client sent it.
+pub enum TokenSource {
+    Header,
+    Cookie(String),
+}
+
 /// A verified access token.
 pub struct Verified {
     pub claims: Arc<Claims>,
-    pub token: Arc<str>,
+    pub source: TokenSource,
+}
+
+/// An issuer as one configuration sees it: its policy and its (shared) key store.
+pub struct Issuer {
+    pub policy: jwt::Policy,
+    pub store: Arc<KeyStore>,
 }
 
 /// Proof that the route's policy was applied: `forward::send` takes one, so no
@@ -148,7 +167,6 @@ impl Admitted {
         Self { verified: None }
     }
 
-    #[allow(dead_code)]
     pub(crate) fn verified(v: Verified) -> Self {
         Self { verified: Some(v) }
     }
@@ -169,8 +187,10 @@ impl Admitted {
                     };
                 }
                 if route.forward_token {
-                    if let Ok(value) = HeaderValue::try_from(format!("Bearer {}", v.token)) {
-                        headers.insert(header::AUTHORIZATION, value);
+                    if let TokenSource::Cookie(token) = &v.source {
+                        if let Ok(value) = HeaderValue::try_from(format!("Bearer {token}")) {
+                            headers.insert(header::AUTHORIZATION, value);
+                        }
                     }
                 } else {
                     headers.remove(header::AUTHORIZATION);
@@ -196,5 +216,137 @@ pub fn strip_inbound_identity(headers: &mut HeaderMap, configured: &[HeaderName]
     for name in spoofed {
         headers.remove(&name);
         tracing::debug!(header = %name, "dropped a client-supplied identity header");
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// What the `Authorization` header holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Bearer<'a> {
+    /// No header, or another scheme (e.g. `Basic`): counts as no token.
+    Absent,
+    /// `Bearer` with nothing usable after it.
+    Empty,
+    Token(&'a str),
+}
+
+pub fn bearer(headers: &HeaderMap) -> Bearer<'_> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else { return Bearer::Absent };
+    let bytes = value.as_bytes();
+    if bytes.len() < 6 || !bytes[..6].eq_ignore_ascii_case(b"bearer") {
+        return Bearer::Absent;
+    }
+    if bytes.len() > 6 && bytes[6] != b' ' {
+        return Bearer::Absent;
+    }
+    match value.to_str() {
+        Ok(v) => match v[6..].trim() {
+            "" => Bearer::Empty,
+            t => Bearer::Token(t),
+        },
+        Err(_) => Bearer::Empty,
+    }
+}
+
+/// Applies the route's policy to the request's token.
+pub async fn authenticate(headers: &HeaderMap, route: &Route, shared: &Shared) -> Result<Admitted, AuthError> {
+    let s = &route.settings;
+    if s.auth == AuthMode::None {
+        return Ok(Admitted::anonymous());
+    }
+    let token = match bearer(headers) {
+        Bearer::Token(t) => t,
+        Bearer::Empty => return Err(AuthError::Invalid(InvalidReason::Malformed)),
+        Bearer::Absent if s.auth == AuthMode::Optional => return Ok(Admitted::anonymous()),
+        Bearer::Absent => return Err(AuthError::Missing),
+    };
+    let Some(issuer) = &route.issuer else { return Err(AuthError::Missing) };
+    let claims = verify_cached(token, issuer, shared).await?;
+    admit(claims, TokenSource::Header, s, shared)
+}
+
+/// Per-request checks that are never cached: revocation, audience, scopes.
+pub fn admit(
+    claims: Arc<Claims>,
+    source: TokenSource,
+    route: &RouteSettings,
+    shared: &Shared,
+) -> Result<Admitted, AuthError> {
+    if shared.revocations.is_revoked(claims.jti.as_deref(), claims.sub.as_deref(), claims.iat) {
+        return Err(AuthError::Invalid(InvalidReason::Revoked));
+    }
+    jwt::check_route(&claims, &route.audiences, &route.scopes)?;
+    Ok(Admitted::verified(Verified { claims, source }))
+}
+
+/// Verifies a token, from the cache when it was verified before with the same keys.
+pub async fn verify_cached(token: &str, issuer: &Issuer, shared: &Shared) -> Result<Arc<Claims>, AuthError> {
+    let now = unix_now();
+    let store = &issuer.store;
+    let id = Arc::as_ptr(store) as usize;
+    let key = shared.token_cache.enabled().then(|| cache::hash(token));
+    if let Some(k) = &key {
+        if let Some(c) = shared.token_cache.get(k, id, store.generation(), now) {
+            return Ok(c);
+        }
+    }
+    let unavailable = || AuthError::KeysUnavailable { issuer: store.name().to_owned() };
+    let mut generation = store.generation();
+    let mut keys = store.keys().ok_or_else(unavailable)?;
+    let mut result = jwt::verify(token, &issuer.policy, &keys, now);
+    if matches!(result, Err(jwt::Rejected::UnknownKid)) {
+        let kid = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid).unwrap_or_default();
+        if store.refetch_for(&kid).await {
+            generation = store.generation();
+            keys = store.keys().ok_or_else(unavailable)?;
+            result = jwt::verify(token, &issuer.policy, &keys, now);
+        }
+    }
+    let claims = match result {
+        Ok(c) => Arc::new(c),
+        Err(jwt::Rejected::UnknownKid) => return Err(AuthError::Invalid(InvalidReason::UnknownKey)),
+        Err(jwt::Rejected::Invalid(r)) => return Err(AuthError::Invalid(r)),
+    };
+    if let Some(k) = key {
+        shared.token_cache.insert(k, id, generation, claims.clone(), now);
+    }
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), Bearer::Absent);
+        let cases = [
+            ("Bearer abc.def.ghi", Bearer::Token("abc.def.ghi")),
+            ("bearer   abc ", Bearer::Token("abc")),
+            ("Bearer", Bearer::Empty),
+            ("Bearer    ", Bearer::Empty),
+            ("Basic dXNlcjpwYXNz", Bearer::Absent),
+            ("Bearerish x", Bearer::Absent),
+        ];
+        for (v, want) in cases {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(v));
+            assert_eq!(bearer(&h), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn claims_as_header_values() {
+        let all = serde_json::json!({"s": "x", "n": 42, "b": true, "a": ["r1", "r2"], "o": {"k": 1}});
+        let c = Claims { all: all.as_object().unwrap().clone(), ..Default::default() };
+        assert_eq!(c.header_value("s").unwrap(), "x");
+        assert_eq!(c.header_value("n").unwrap(), "42");
+        assert_eq!(c.header_value("b").unwrap(), "true");
+        assert_eq!(c.header_value("a").unwrap(), "r1,r2");
+        assert!(c.header_value("o").is_none());
+        assert!(c.header_value("missing").is_none());
     }
 }

@@ -17,6 +17,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod server;

@@ -22,6 +22,7 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Default)]
 struct Outcome {
     route: Option<String>,
+    route_metrics: Option<std::sync::Arc<crate::metrics::RouteMetrics>>,
     subject: Option<String>,
     upstream_time: Option<Duration>,
     error: Option<&'static str>,
@@ -38,16 +39,28 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut outcome = Outcome::default();
-    let mut resp = match pipeline(req, conn, snap, &mut outcome).await {
+    let mut resp = match pipeline(req, conn, snap, shared, &mut outcome).await {
         Ok(resp) => resp,
         Err(e) => {
             outcome.error = Some(e.code());
-            log_error(&e);
+            if let ProxyError::Auth(a) = &e {
+                shared.metrics.rejection(a.code());
+            }
+            log_error(&e, outcome.route.as_deref().unwrap_or("-"));
             e.into_response()
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
-    let _ = shared;
+    let status = resp.status().as_u16();
+    match &outcome.route_metrics {
+        Some(m) => {
+            m.record_status(status);
+            if let Some(t) = outcome.upstream_time {
+                m.record_upstream(t);
+            }
+        }
+        None => shared.metrics.unrouted.record_status(status),
+    }
     tracing::info!(
         target: "portcullis::access",
         request_id = request_id.to_str().unwrap_or(""),
@@ -68,6 +81,7 @@ async fn pipeline(
     mut req: Request<Incoming>,
     conn: &Conn,
     snap: &Snapshot,
+    shared: &Shared,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, ProxyError> {
     // 1. Identity headers are the proxy's alone, on every route.
@@ -77,8 +91,9 @@ async fn pipeline(
         req.uri().host().or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
     let route = snap.routes.find(host, req.uri().path()).ok_or(ProxyError::NoRoute)?.clone();
     outcome.route = Some(route.settings.name.clone());
+    outcome.route_metrics = Some(route.metrics.clone());
     // 3. Decide identity per the route's policy.
-    let admitted = Admitted::anonymous();
+    let admitted: Admitted = auth::authenticate(req.headers(), &route, shared).await?;
     outcome.subject = admitted.subject().map(str::to_owned);
     // 4. Forward.
     let sent = forward::send(req, &route.settings, &route.upstream, conn, &admitted).await?;
@@ -86,10 +101,13 @@ async fn pipeline(
     Ok(sent.response)
 }
 
-fn log_error(e: &ProxyError) {
+fn log_error(e: &ProxyError, route: &str) {
     match e {
-        ProxyError::Forward(f) => tracing::warn!(error = %f, "upstream failure"),
-        ProxyError::Auth(a) => tracing::info!(reason = a.code(), error = %a, "request rejected"),
+        ProxyError::Forward(f) => {
+            let cause = std::error::Error::source(f).map(|s| s.to_string());
+            tracing::warn!(route, error = %f, cause, "upstream failure")
+        }
+        ProxyError::Auth(a) => tracing::info!(route, reason = a.code(), detail = %a, "request rejected"),
         ProxyError::NoRoute => tracing::debug!("no route"),
     }
 }

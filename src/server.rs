@@ -20,6 +20,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
 use crate::state::{BuildError, Conn, Shared, Snapshot};
+use crate::auth::unix_now;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -59,7 +60,7 @@ impl Server {
     /// Builds the runtime state and binds every configured listener.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let listen = config.listen.clone();
-        let shared = Shared::new(Snapshot::build(config)?);
+        let shared = Shared::new(config)?;
         let mut listeners = Vec::new();
         let mut addrs = Addrs::default();
         for (kind, key, addr) in [
@@ -77,6 +78,7 @@ impl Server {
             }
             listeners.push((kind, l));
         }
+        tokio::spawn(sweep(Arc::downgrade(&shared)));
         Ok(Self { shared, listeners, addrs })
     }
 
@@ -148,9 +150,9 @@ async fn accept_loop(
         let shared = shared.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            shared.open_connections.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.open_connections.fetch_add(1, Ordering::Relaxed);
             serve_connection(kind, stream, peer, &shared, watcher).await;
-            shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            shared.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -242,4 +244,13 @@ fn proxy_service(
             Ok::<_, Infallible>(crate::proxy::handle(req, &conn, &snap, &shared).await)
         }
     })
+}
+
+/// Forgets revocations of tokens that have expired anyway.
+async fn sweep(shared: std::sync::Weak<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let Some(s) = shared.upgrade() else { return };
+        s.revocations.sweep(unix_now());
+    }
 }

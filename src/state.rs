@@ -1,16 +1,22 @@
 //! What one request reads: the `Snapshot` built from a validated `Config`, swapped
-//! whole on reload, and `Shared`, the state that outlives any one configuration.
+//! whole on reload, and `Shared`, the state that outlives any one configuration
+//! (revocations, the verified-token cache, JWKS stores, metrics).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 use http::header::HeaderName;
 
-use crate::config::{Config, Limits, RouteSettings};
+use crate::auth::cache::TokenCache;
+use crate::auth::jwks::KeyStore;
+use crate::auth::revocation::Revocations;
+use crate::auth::{jwt, Issuer};
+use crate::config::{Config, KeySource, Limits, RouteSettings};
 use crate::forward::Upstream;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::RouteTable;
 
 /// Facts about the downstream connection a request arrived on.
@@ -23,6 +29,8 @@ pub struct Conn {
 pub struct Route {
     pub settings: RouteSettings,
     pub upstream: Upstream,
+    pub issuer: Option<Arc<Issuer>>,
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// One configuration, ready to serve. A request holds the snapshot it started with.
@@ -30,6 +38,7 @@ pub struct Snapshot {
     pub routes: RouteTable<Arc<Route>>,
     /// Every identity header name of every route, stripped from all inbound requests.
     pub identity_names: Vec<HeaderName>,
+    pub issuers: HashMap<String, Arc<Issuer>>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub limits: Limits,
     pub config: Config,
@@ -38,17 +47,44 @@ pub struct Snapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("route {route}: cannot set up upstream TLS")]
-    UpstreamTls {
-        route: String,
-        #[source]
-        source: rustls::Error,
-    },
+    UpstreamTls { route: String, #[source] source: rustls::Error },
     #[error("cannot set up listener TLS")]
     ListenerTls(#[source] rustls::Error),
 }
 
+/// JWKS stores by (issuer name, URL), so a reload that keeps an issuer keeps its keys.
+#[derive(Default)]
+pub struct KeyStores(Mutex<HashMap<(String, String), Weak<KeyStore>>>);
+
+impl KeyStores {
+    fn get(&self, name: &str, source: &KeySource, refresh: std::time::Duration, metrics: &Arc<Metrics>) -> Arc<KeyStore> {
+        match source {
+            KeySource::Static(keys) => KeyStore::fixed(name, keys.clone(), metrics.clone()),
+            KeySource::JwksUrl(url) => {
+                let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+                map.retain(|_, w| w.strong_count() > 0);
+                let k = (name.to_owned(), url.to_string());
+                if let Some(s) = map.get(&k).and_then(Weak::upgrade) {
+                    return s;
+                }
+                let s = KeyStore::remote(name, url.clone(), refresh, metrics.clone());
+                map.insert(k, Arc::downgrade(&s));
+                s
+            }
+        }
+    }
+}
+
 impl Snapshot {
-    pub fn build(mut config: Config) -> Result<Self, BuildError> {
+    pub fn build(mut config: Config, shared: &Shared) -> Result<Self, BuildError> {
+        let issuers: HashMap<String, Arc<Issuer>> = config
+            .issuers
+            .iter()
+            .map(|s| {
+                let store = shared.key_stores.get(&s.name, &s.source, s.jwks_refresh, &shared.metrics);
+                (s.name.clone(), Arc::new(Issuer { policy: jwt::Policy::new(s), store }))
+            })
+            .collect();
         let mut names = HashSet::new();
         let mut entries = Vec::with_capacity(config.routes.len());
         for settings in std::mem::take(&mut config.routes) {
@@ -57,24 +93,31 @@ impl Snapshot {
             }
             let upstream = Upstream::new(&settings)
                 .map_err(|source| BuildError::UpstreamTls { route: settings.name.clone(), source })?;
+            let issuer = settings.issuer.as_ref().and_then(|n| issuers.get(n).cloned());
+            let metrics = shared.metrics.route(&settings.name);
             let host = settings.host.clone();
             let prefix = settings.path_prefix.clone();
-            entries.push((host, prefix, Arc::new(Route { settings, upstream })));
+            entries.push((host, prefix, Arc::new(Route { settings, upstream, issuer, metrics })));
         }
         let tls = match &config.tls {
-            Some(t) => Some(
-                crate::server::tls::server_config(t.default.clone(), &t.sni)
-                    .map_err(BuildError::ListenerTls)?,
-            ),
+            Some(t) => {
+                Some(crate::server::tls::server_config(t.default.clone(), &t.sni).map_err(BuildError::ListenerTls)?)
+            }
             None => None,
         };
         Ok(Self {
             routes: RouteTable::new(entries),
             identity_names: names.into_iter().collect(),
+            issuers,
             tls,
             limits: config.limits.clone(),
             config,
         })
+    }
+
+    /// Every issuer has keys (`/readyz`).
+    pub fn keys_ready(&self) -> bool {
+        self.issuers.values().all(|i| i.store.is_ready())
     }
 }
 
@@ -82,15 +125,33 @@ impl Snapshot {
 pub struct Shared {
     pub current: ArcSwap<Snapshot>,
     pub draining: AtomicBool,
-    pub open_connections: AtomicI64,
+    pub metrics: Arc<Metrics>,
+    pub revocations: Revocations,
+    pub token_cache: TokenCache,
+    pub key_stores: KeyStores,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot) -> Arc<Self> {
-        Arc::new(Self {
-            current: ArcSwap::from_pointee(snapshot),
+    /// Builds the first snapshot; must run inside a Tokio runtime (JWKS tasks start here).
+    pub fn new(config: Config) -> Result<Arc<Self>, BuildError> {
+        let placeholder = Snapshot {
+            routes: RouteTable::new(Vec::new()),
+            identity_names: Vec::new(),
+            issuers: HashMap::new(),
+            tls: None,
+            limits: config.limits.clone(),
+            config: Config::empty(),
+        };
+        let shared = Arc::new(Self {
+            current: ArcSwap::from_pointee(placeholder),
             draining: AtomicBool::new(false),
-            open_connections: AtomicI64::new(0),
-        })
+            metrics: Arc::new(Metrics::default()),
+            revocations: Revocations::default(),
+            token_cache: TokenCache::new(config.limits.token_cache_entries),
+            key_stores: KeyStores::default(),
+        });
+        let snap = Snapshot::build(config, &shared)?;
+        shared.current.store(Arc::new(snap));
+        Ok(shared)
     }
 }

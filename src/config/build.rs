@@ -33,6 +33,22 @@ pub struct Config {
     pub routes: Vec<RouteSettings>,
 }
 
+impl Config {
+    /// A configuration with nothing in it, used only as a placeholder.
+    pub fn empty() -> Self {
+        Self {
+            listen: Listen::default(),
+            limits: Limits::default(),
+            tls: None,
+            issuers: Vec::new(),
+            auth_server: None,
+            session: None,
+            state: StateSettings::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Listen {
     pub http: Option<SocketAddr>,

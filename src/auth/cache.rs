@@ -1,0 +1,126 @@
+//! Verified-token cache: the result of a signature check, keyed by SHA-256 of the
+//! whole token, bounded in entries, never used past the token's `exp` nor across
+//! a change of the issuer's keys. Revocation, audience and scopes are still
+//! checked on every request by the caller.
+
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use super::Claims;
+
+pub type TokenHash = [u8; 32];
+
+pub fn hash(token: &str) -> TokenHash {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+struct Entry {
+    claims: Arc<Claims>,
+    /// Identity of the issuer's key store and its key generation at verification.
+    issuer: usize,
+    generation: u64,
+}
+
+/// Keys are already uniform SHA-256 digests: use their first 8 bytes as the hash.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 |= u64::from(*b) << (8 * i);
+        }
+    }
+    fn write_usize(&mut self, _: usize) {}
+}
+
+pub struct TokenCache {
+    map: DashMap<TokenHash, Entry, BuildHasherDefault<DigestHasher>>,
+    max: usize,
+}
+
+impl TokenCache {
+    pub fn new(max: usize) -> Self {
+        Self { map: DashMap::with_hasher(BuildHasherDefault::default()), max }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    pub fn get(&self, key: &TokenHash, issuer: usize, generation: u64, now: i64) -> Option<Arc<Claims>> {
+        let e = self.map.get(key)?;
+        if e.issuer == issuer && e.generation == generation && now <= e.claims.exp {
+            return Some(e.claims.clone());
+        }
+        drop(e);
+        self.map.remove(key);
+        None
+    }
+
+    pub fn insert(&self, key: TokenHash, issuer: usize, generation: u64, claims: Arc<Claims>, now: i64) {
+        if self.max == 0 || claims.exp < now {
+            return;
+        }
+        if self.map.len() >= self.max {
+            self.map.retain(|_, e| e.claims.exp >= now);
+            if self.map.len() >= self.max {
+                // Still full of live tokens: start over rather than track recency on every hit.
+                self.map.clear();
+            }
+        }
+        self.map.insert(key, Entry { claims, issuer, generation });
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: i64) -> Arc<Claims> {
+        Arc::new(Claims { exp, ..Default::default() })
+    }
+
+    #[test]
+    fn hits_only_for_same_token_issuer_generation_and_before_exp() {
+        let c = TokenCache::new(10);
+        let a = hash("token-a");
+        let b = hash("token-b");
+        c.insert(a, 1, 7, claims(100), 50);
+        assert!(c.get(&a, 1, 7, 60).is_some());
+        assert!(c.get(&b, 1, 7, 60).is_none(), "another token never hits");
+        assert!(c.get(&a, 2, 7, 60).is_none(), "another issuer never hits");
+        c.insert(a, 1, 7, claims(100), 50);
+        assert!(c.get(&a, 1, 8, 60).is_none(), "new keys invalidate");
+        c.insert(a, 1, 7, claims(100), 50);
+        assert!(c.get(&a, 1, 7, 101).is_none(), "never past exp");
+    }
+
+    #[test]
+    fn bounded() {
+        let c = TokenCache::new(3);
+        for i in 0..10 {
+            c.insert(hash(&format!("t{i}")), 1, 1, claims(100), 0);
+            assert!(c.len() <= 3);
+        }
+        let off = TokenCache::new(0);
+        off.insert(hash("x"), 1, 1, claims(100), 0);
+        assert!(off.is_empty());
+    }
+}

@@ -1,0 +1,244 @@
+//! One issuer's keys over time. Static sources (`jwks_file`, `public_key_files`,
+//! `hmac_secret_env`) never change. A `jwks_url` is fetched at start and then in
+//! the background (every `jwks_refresh`, or the response's `Cache-Control:
+//! max-age`); a failed fetch keeps the last good keys and is retried with
+//! backoff (1 s, 2 s, 4 s … capped). An unknown `kid` triggers one refetch, but
+//! never more than one per `refetch_spacing`, so a flood of random `kid`s
+//! costs the issuer at most one request per spacing. The key set is replaced
+//! whole, and its generation bumped only when the document changed, which
+//! invalidates verified-token cache entries made with removed keys.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{header, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::keys::{self, KeySet};
+use crate::metrics::Metrics;
+
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+type FetchClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+pub struct KeyStore {
+    name: String,
+    url: Option<Uri>,
+    keys: ArcSwapOption<KeySet>,
+    generation: AtomicU64,
+    fingerprint: AtomicU64,
+    /// Time of the last fetch attempt; held while fetching so fetches never overlap.
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    refresh: Duration,
+    refetch_spacing: Duration,
+    client: Option<FetchClient>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("issuer {issuer}: JWKS request failed")]
+    Request { issuer: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("issuer {issuer}: JWKS request timed out")]
+    Timeout { issuer: String },
+    #[error("issuer {issuer}: JWKS answered {status}")]
+    Status { issuer: String, status: StatusCode },
+    #[error("issuer {issuer}: JWKS document rejected")]
+    Document { issuer: String, #[source] source: keys::KeyError },
+}
+
+impl KeyStore {
+    pub fn fixed(name: &str, keys: Arc<KeySet>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_owned(),
+            url: None,
+            keys: ArcSwapOption::from(Some(keys)),
+            generation: AtomicU64::new(1),
+            fingerprint: AtomicU64::new(0),
+            last_fetch: tokio::sync::Mutex::new(None),
+            refresh: Duration::MAX,
+            refetch_spacing: Duration::MAX,
+            client: None,
+            metrics,
+        })
+    }
+
+    /// A store that fetches `url`; its background task starts now and ends when
+    /// the last configuration using this store is dropped.
+    pub fn remote(name: &str, url: Uri, refresh: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(FETCH_TIMEOUT));
+        let client = crate::server::tls::client_config(&[]).ok().map(|tls| {
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
+            Client::builder(TokioExecutor::new()).build(connector)
+        });
+        let store = Arc::new(Self {
+            name: name.to_owned(),
+            url: Some(url),
+            keys: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
+            fingerprint: AtomicU64::new(0),
+            last_fetch: tokio::sync::Mutex::new(None),
+            refresh,
+            refetch_spacing: (refresh / 10).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            client,
+            metrics,
+        });
+        tokio::spawn(background(Arc::downgrade(&store)));
+        store
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn url(&self) -> Option<&Uri> {
+        self.url.as_ref()
+    }
+
+    /// The current keys, or `None` before the first successful fetch.
+    pub fn keys(&self) -> Option<Arc<KeySet>> {
+        self.keys.load_full()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.keys.load().is_some()
+    }
+
+    /// Called when a token names an unknown `kid`: refetches unless one happened
+    /// within the spacing. Returns whether the key set now holds `kid`.
+    pub async fn refetch_for(&self, kid: &str) -> bool {
+        if self.url.is_none() {
+            return false;
+        }
+        let mut last = self.last_fetch.lock().await;
+        if self.keys().is_some_and(|k| k.has_kid(kid)) {
+            return true;
+        }
+        if last.is_some_and(|t| t.elapsed() < self.refetch_spacing) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        if let Err(e) = self.fetch().await {
+            tracing::warn!(issuer = %self.name, error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "JWKS refetch failed; keeping the last good keys");
+        }
+        self.keys().is_some_and(|k| k.has_kid(kid))
+    }
+
+    /// Fetches once (serialised with other fetches); returns the `max-age` if the server gave one.
+    async fn fetch_serialised(&self) -> Result<Option<Duration>, FetchError> {
+        let mut last = self.last_fetch.lock().await;
+        *last = Some(Instant::now());
+        self.fetch().await
+    }
+
+    async fn fetch(&self) -> Result<Option<Duration>, FetchError> {
+        let result = self.fetch_inner().await;
+        self.metrics.jwks_fetch(&self.name, result.is_ok());
+        result
+    }
+
+    async fn fetch_inner(&self) -> Result<Option<Duration>, FetchError> {
+        let issuer = || self.name.clone();
+        let (Some(url), Some(client)) = (&self.url, &self.client) else { return Ok(None) };
+        let req = Request::get(url.clone())
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, "portcullis")
+            .body(Empty::new())
+            .map_err(|e| FetchError::Request { issuer: issuer(), source: e.into() })?;
+        let exchange = async {
+            let resp = client.request(req).await.map_err(|e| FetchError::Request { issuer: issuer(), source: e.into() })?;
+            if resp.status() != StatusCode::OK {
+                return Err(FetchError::Status { issuer: issuer(), status: resp.status() });
+            }
+            let max_age = max_age(resp.headers());
+            let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+                .collect()
+                .await
+                .map_err(|e| FetchError::Request { issuer: issuer(), source: e })?
+                .to_bytes();
+            Ok((body, max_age))
+        };
+        let (body, max_age) =
+            tokio::time::timeout(FETCH_TIMEOUT, exchange).await.map_err(|_| FetchError::Timeout { issuer: issuer() })??;
+        let set = keys::parse_jwks(&body).map_err(|source| FetchError::Document { issuer: issuer(), source })?;
+        let fp = fingerprint(&body);
+        if self.keys.load().is_none() || self.fingerprint.swap(fp, Ordering::AcqRel) != fp {
+            tracing::info!(issuer = %self.name, keys = set.len(), "JWKS loaded");
+            self.keys.store(Some(Arc::new(set)));
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(max_age)
+    }
+}
+
+async fn background(store: Weak<KeyStore>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        let wait = match s.fetch_serialised().await {
+            Ok(max_age) => {
+                backoff = Duration::from_secs(1);
+                max_age.map_or(s.refresh, |m| m.clamp(s.refetch_spacing, Duration::from_secs(86_400)))
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %s.name, error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), retry_in = ?backoff, "JWKS fetch failed; keeping the last good keys");
+                let wait = backoff;
+                backoff = (backoff * 2).min(s.refresh.min(Duration::from_secs(60)));
+                wait
+            }
+        };
+        drop(s);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn max_age(headers: &http::HeaderMap) -> Option<Duration> {
+    let cc = headers.get(header::CACHE_CONTROL)?.to_str().ok()?;
+    if cc.split(',').any(|d| matches!(d.trim(), "no-store" | "no-cache")) {
+        return None;
+    }
+    cc.split(',')
+        .filter_map(|d| d.trim().strip_prefix("max-age="))
+        .find_map(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+fn fingerprint(bytes: &Bytes) -> u64 {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control_max_age() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(max_age(&h), None);
+        h.insert(header::CACHE_CONTROL, "public, max-age=120".parse().unwrap());
+        assert_eq!(max_age(&h), Some(Duration::from_secs(120)));
+        h.insert(header::CACHE_CONTROL, "no-store, max-age=120".parse().unwrap());
+        assert_eq!(max_age(&h), None);
+    }
+}

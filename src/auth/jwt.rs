@@ -1,0 +1,270 @@
+//! Token verification: size limit, `alg` allow-list bound to the key type,
+//! signature, then `iss`, `exp`, `nbf`, `iat` with leeway. `jku`, `x5u` and
+//! embedded `jwk` headers are never read. Route policy (audience, scopes) is
+//! checked separately because it differs per route while this result is cached.
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, Validation};
+use serde_json::{Map, Value};
+
+use super::keys::KeySet;
+use super::{Claims, InvalidReason};
+use crate::config::IssuerSettings;
+
+/// Tokens above this are refused before any parsing.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    Invalid(InvalidReason),
+    /// The token names a `kid` the key set does not hold; a refetch may help.
+    UnknownKid,
+}
+
+/// Per-issuer verification policy, precomputed once per configuration.
+pub struct Policy {
+    pub issuer: String,
+    pub leeway: i64,
+    algorithms: Vec<Algorithm>,
+    validations: HashMap<Algorithm, Validation>,
+}
+
+impl Policy {
+    pub fn new(s: &IssuerSettings) -> Self {
+        let validations = s
+            .algorithms
+            .iter()
+            .map(|alg| {
+                // Signature only: claims are checked below with precise reasons.
+                let mut v = Validation::new(*alg);
+                v.validate_exp = false;
+                v.validate_nbf = false;
+                v.validate_aud = false;
+                v.required_spec_claims.clear();
+                (*alg, v)
+            })
+            .collect();
+        Self {
+            issuer: s.issuer.clone(),
+            leeway: s.leeway.as_secs() as i64,
+            algorithms: s.algorithms.clone(),
+            validations,
+        }
+    }
+}
+
+/// Verifies `token` against `keys` and the issuer policy at time `now` (Unix seconds).
+pub fn verify(token: &str, policy: &Policy, keys: &KeySet, now: i64) -> Result<Claims, Rejected> {
+    use Rejected::Invalid;
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Invalid(InvalidReason::TooLarge));
+    }
+    let header = jsonwebtoken::decode_header(token).map_err(|_| Invalid(header_failure(token)))?;
+    let alg = header.alg;
+    let validation = match policy.validations.get(&alg) {
+        Some(v) if policy.algorithms.contains(&alg) => v,
+        _ => return Err(Invalid(InvalidReason::AlgorithmNotAllowed)),
+    };
+    if let Some(kid) = header.kid.as_deref() {
+        if !keys.has_kid(kid) {
+            return Err(Rejected::UnknownKid);
+        }
+    }
+    let mut saw_candidate = false;
+    let mut payload = None;
+    for key in keys.candidates(header.kid.as_deref(), alg) {
+        saw_candidate = true;
+        match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
+            Ok(data) => {
+                payload = Some(data.claims);
+                break;
+            }
+            Err(e) => match e.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => continue,
+                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
+                    return Err(Invalid(InvalidReason::AlgorithmNotAllowed))
+                }
+                _ => return Err(Invalid(InvalidReason::Malformed)),
+            },
+        }
+    }
+    let Some(all) = payload else {
+        return Err(Invalid(if saw_candidate {
+            InvalidReason::BadSignature
+        } else {
+            InvalidReason::AlgorithmNotAllowed
+        }));
+    };
+    check_claims(all, policy, now).map_err(Invalid)
+}
+
+/// Why a header did not parse: `alg: none` and unknown algorithms are named as such.
+fn header_failure(token: &str) -> InvalidReason {
+    let head = token.split('.').next().unwrap_or("");
+    let alg = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Map<String, Value>>(&b).ok())
+        .and_then(|m| m.get("alg").and_then(Value::as_str).map(str::to_owned));
+    match alg {
+        Some(_) => InvalidReason::AlgorithmNotAllowed,
+        None => InvalidReason::Malformed,
+    }
+}
+
+fn time_claim(all: &Map<String, Value>, name: &str) -> Result<Option<i64>, InvalidReason> {
+    match all.get(name) {
+        None => Ok(None),
+        Some(v) => v.as_f64().map(|f| Some(f as i64)).ok_or(InvalidReason::Malformed),
+    }
+}
+
+fn check_claims(all: Map<String, Value>, policy: &Policy, now: i64) -> Result<Claims, InvalidReason> {
+    if all.get("iss").and_then(Value::as_str) != Some(policy.issuer.as_str()) {
+        return Err(InvalidReason::WrongIssuer);
+    }
+    let exp = time_claim(&all, "exp")?.ok_or(InvalidReason::NoExpiry)?;
+    if now > exp.saturating_add(policy.leeway) {
+        return Err(InvalidReason::Expired);
+    }
+    if let Some(nbf) = time_claim(&all, "nbf")? {
+        if nbf > now.saturating_add(policy.leeway) {
+            return Err(InvalidReason::NotYetValid);
+        }
+    }
+    let iat = time_claim(&all, "iat")?;
+    if iat.is_some_and(|iat| iat > now.saturating_add(policy.leeway)) {
+        return Err(InvalidReason::IssuedInFuture);
+    }
+    let aud = match all.get("aud") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(_) => return Err(InvalidReason::Malformed),
+    };
+    let mut scopes: Vec<String> = Vec::new();
+    if let Some(Value::String(s)) = all.get("scope") {
+        scopes.extend(s.split_ascii_whitespace().map(str::to_owned));
+    }
+    if let Some(Value::Array(a)) = all.get("scp") {
+        scopes.extend(a.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+    } else if let Some(Value::String(s)) = all.get("scp") {
+        scopes.extend(s.split_ascii_whitespace().map(str::to_owned));
+    }
+    Ok(Claims {
+        sub: all.get("sub").and_then(Value::as_str).map(str::to_owned),
+        jti: all.get("jti").and_then(Value::as_str).map(str::to_owned),
+        exp,
+        iat,
+        aud,
+        scopes,
+        all,
+    })
+}
+
+/// Route policy: one of the route's audiences, all of its scopes.
+pub fn check_route(claims: &Claims, audiences: &[String], scopes: &[String]) -> Result<(), super::AuthError> {
+    if !audiences.is_empty() && !claims.aud.iter().any(|a| audiences.contains(a)) {
+        return Err(super::AuthError::Invalid(InvalidReason::WrongAudience));
+    }
+    if !scopes.iter().all(|s| claims.scopes.contains(s)) {
+        return Err(super::AuthError::InsufficientScope { scope: scopes.join(" ") });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::keys;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn policy() -> Policy {
+        Policy::new(&IssuerSettings {
+            name: "t".into(),
+            issuer: "https://id.test".into(),
+            source: crate::config::KeySource::Static(Default::default()),
+            algorithms: vec![Algorithm::HS256],
+            leeway: std::time::Duration::from_secs(30),
+            jwks_refresh: std::time::Duration::from_secs(300),
+        })
+    }
+
+    fn mint(claims: Value) -> String {
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    }
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn claim_table() {
+        let keys = keys::hmac(SECRET);
+        let p = policy();
+        let iss = "https://id.test";
+        let cases = [
+            (json!({"iss": iss, "exp": NOW + 60, "sub": "u"}), Ok(())),
+            (json!({"iss": iss, "exp": NOW - 10}), Ok(())),
+            (json!({"iss": iss, "exp": NOW - 31}), Err(InvalidReason::Expired)),
+            (json!({"iss": iss}), Err(InvalidReason::NoExpiry)),
+            (json!({"iss": iss, "exp": "soon"}), Err(InvalidReason::Malformed)),
+            (json!({"iss": "https://evil", "exp": NOW + 60}), Err(InvalidReason::WrongIssuer)),
+            (json!({"exp": NOW + 60}), Err(InvalidReason::WrongIssuer)),
+            (json!({"iss": iss, "exp": NOW + 60, "nbf": NOW + 120}), Err(InvalidReason::NotYetValid)),
+            (json!({"iss": iss, "exp": NOW + 60, "nbf": NOW + 20}), Ok(())),
+            (json!({"iss": iss, "exp": NOW + 600, "iat": NOW + 300}), Err(InvalidReason::IssuedInFuture)),
+        ];
+        for (claims, want) in cases {
+            let got = verify(&mint(claims.clone()), &p, &keys, NOW).map(|_| ());
+            assert_eq!(got, want.map_err(Rejected::Invalid), "{claims}");
+        }
+    }
+
+    #[test]
+    fn audience_and_scopes() {
+        let keys = keys::hmac(SECRET);
+        let t = mint(json!({"iss": "https://id.test", "exp": NOW + 60, "aud": ["a", "b"], "scope": "x y", "scp": ["z"]}));
+        let c = verify(&t, &policy(), &keys, NOW).unwrap();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(check_route(&c, &s(&["b"]), &s(&["x", "z"])).is_ok());
+        assert!(check_route(&c, &[], &[]).is_ok());
+        assert!(matches!(
+            check_route(&c, &s(&["c"]), &[]),
+            Err(crate::auth::AuthError::Invalid(InvalidReason::WrongAudience))
+        ));
+        assert!(matches!(
+            check_route(&c, &[], &s(&["x", "w"])),
+            Err(crate::auth::AuthError::InsufficientScope { .. })
+        ));
+        let single = verify(&mint(json!({"iss": "https://id.test", "exp": NOW + 60, "aud": "a"})), &policy(), &keys, NOW).unwrap();
+        assert_eq!(single.aud, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn unsigned_and_garbage_tokens() {
+        let keys = keys::hmac(SECRET);
+        let p = policy();
+        let none = format!(
+            "{}.{}.",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"iss":"https://id.test","exp":9999999999}"#)
+        );
+        assert_eq!(verify(&none, &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::AlgorithmNotAllowed)));
+        assert_eq!(verify("garbage", &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::Malformed)));
+        assert_eq!(verify("a.b.c", &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::Malformed)));
+        let big = "a".repeat(MAX_TOKEN_BYTES + 1);
+        assert_eq!(verify(&big, &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::TooLarge)));
+        let good = mint(json!({"iss": "https://id.test", "exp": NOW + 60}));
+        let (head, rest) = good.split_once('.').unwrap();
+        let (_, sig) = rest.split_once('.').unwrap();
+        let other = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"iss":"https://id.test","exp":9999999999,"sub":"admin"}"#);
+        let tampered = format!("{head}.{other}.{sig}");
+        assert_eq!(verify(&tampered, &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::BadSignature)));
+        let stripped = format!("{head}.{other}.");
+        assert!(verify(&stripped, &p, &keys, NOW).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! Every metric name and label set, declared once. Counters are plain atomics
+//! reached without a lock on the request path: per-route counters are resolved
+//! when a configuration is built, and the other label sets are closed enums.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+/// Upper bounds (seconds) of the upstream latency histogram.
+const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Auth rejection reasons: the `error` codes of SPEC §4 that rejections carry.
+pub const REJECTION_REASONS: [&str; 7] = [
+    "missing_token",
+    "invalid_token",
+    "insufficient_scope",
+    "csrf",
+    "session_expired",
+    "auth_server_unavailable",
+    "keys_unavailable",
+];
+
+pub const REFRESH_OUTCOMES: [&str; 5] = ["ok", "rotated", "grace", "invalid_grant", "auth_server_error"];
+
+/// Counters of one route; kept across reloads while the route name exists.
+pub struct RouteMetrics {
+    /// Index = status code - 100.
+    by_status: Box<[AtomicU64]>,
+    buckets: [AtomicU64; BUCKETS.len()],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Default for RouteMetrics {
+    fn default() -> Self {
+        Self {
+            by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
+            buckets: Default::default(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl RouteMetrics {
+    pub fn record_status(&self, status: u16) {
+        if let Some(c) = self.by_status.get(usize::from(status).wrapping_sub(100)) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn record_upstream(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.buckets[i].fetch_add(1, Relaxed);
+                break;
+            }
+        }
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    routes: DashMap<String, Arc<RouteMetrics>>,
+    /// Requests that matched no route.
+    pub unrouted: RouteMetrics,
+    rejections: [AtomicU64; REJECTION_REASONS.len()],
+    refreshes: [AtomicU64; REFRESH_OUTCOMES.len()],
+    jwks: DashMap<(String, &'static str), AtomicU64>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_error: AtomicU64,
+    pub open_connections: AtomicI64,
+    pub state_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
+        self.routes.entry(name.to_owned()).or_default().clone()
+    }
+
+    pub fn rejection(&self, reason: &str) {
+        if let Some(i) = REJECTION_REASONS.iter().position(|r| *r == reason) {
+            self.rejections[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn refresh(&self, outcome: &str) {
+        if let Some(i) = REFRESH_OUTCOMES.iter().position(|r| *r == outcome) {
+            self.refreshes[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn jwks_fetch(&self, issuer: &str, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.jwks.entry((issuer.to_owned(), outcome)).or_default().fetch_add(1, Relaxed);
+    }
+
+    pub fn jwks_count(&self, issuer: &str, outcome: &'static str) -> u64 {
+        self.jwks.get(&(issuer.to_owned(), outcome)).map_or(0, |c| c.load(Relaxed))
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = self.render_into(&mut out);
+        out
+    }
+
+    fn render_into(&self, o: &mut String) -> std::fmt::Result {
+        writeln!(o, "# HELP portcullis_requests_total Requests answered, by route and status.")?;
+        writeln!(o, "# TYPE portcullis_requests_total counter")?;
+        let mut routes: Vec<_> = self.routes.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
+        let all = routes.iter().map(|(n, m)| (n.as_str(), &**m)).chain([("", &self.unrouted)]);
+        for (name, m) in all.clone() {
+            for (i, c) in m.by_status.iter().enumerate() {
+                let v = c.load(Relaxed);
+                if v > 0 {
+                    writeln!(o, "portcullis_requests_total{{route=\"{}\",status=\"{}\"}} {v}", esc(name), i + 100)?;
+                }
+            }
+        }
+        writeln!(o, "# HELP portcullis_upstream_duration_seconds Time to the upstream's response headers.")?;
+        writeln!(o, "# TYPE portcullis_upstream_duration_seconds histogram")?;
+        for (name, m) in routes.iter().map(|(n, m)| (n.as_str(), &**m)) {
+            let mut cum = 0;
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                cum += m.buckets[i].load(Relaxed);
+                writeln!(o, "portcullis_upstream_duration_seconds_bucket{{route=\"{}\",le=\"{bound}\"}} {cum}", esc(name))?;
+            }
+            let count = m.count.load(Relaxed);
+            writeln!(o, "portcullis_upstream_duration_seconds_bucket{{route=\"{}\",le=\"+Inf\"}} {count}", esc(name))?;
+            let sum = m.sum_micros.load(Relaxed) as f64 / 1e6;
+            writeln!(o, "portcullis_upstream_duration_seconds_sum{{route=\"{}\"}} {sum}", esc(name))?;
+            writeln!(o, "portcullis_upstream_duration_seconds_count{{route=\"{}\"}} {count}", esc(name))?;
+        }
+        writeln!(o, "# HELP portcullis_auth_rejections_total Requests refused by authentication, by reason.")?;
+        writeln!(o, "# TYPE portcullis_auth_rejections_total counter")?;
+        for (i, r) in REJECTION_REASONS.iter().enumerate() {
+            writeln!(o, "portcullis_auth_rejections_total{{reason=\"{r}\"}} {}", self.rejections[i].load(Relaxed))?;
+        }
+        writeln!(o, "# HELP portcullis_refreshes_total Token refreshes brokered, by outcome.")?;
+        writeln!(o, "# TYPE portcullis_refreshes_total counter")?;
+        for (i, r) in REFRESH_OUTCOMES.iter().enumerate() {
+            writeln!(o, "portcullis_refreshes_total{{outcome=\"{r}\"}} {}", self.refreshes[i].load(Relaxed))?;
+        }
+        writeln!(o, "# HELP portcullis_jwks_fetches_total JWKS fetches, by issuer and outcome.")?;
+        writeln!(o, "# TYPE portcullis_jwks_fetches_total counter")?;
+        let mut jwks: Vec<_> = self.jwks.iter().map(|e| (e.key().clone(), e.value().load(Relaxed))).collect();
+        jwks.sort();
+        for ((issuer, outcome), v) in jwks {
+            writeln!(o, "portcullis_jwks_fetches_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {v}", esc(&issuer))?;
+        }
+        writeln!(o, "# HELP portcullis_config_reloads_total Configuration reloads, by outcome.")?;
+        writeln!(o, "# TYPE portcullis_config_reloads_total counter")?;
+        writeln!(o, "portcullis_config_reloads_total{{outcome=\"ok\"}} {}", self.reloads_ok.load(Relaxed))?;
+        writeln!(o, "portcullis_config_reloads_total{{outcome=\"error\"}} {}", self.reloads_error.load(Relaxed))?;
+        writeln!(o, "# HELP portcullis_open_connections Downstream connections open now.")?;
+        writeln!(o, "# TYPE portcullis_open_connections gauge")?;
+        writeln!(o, "portcullis_open_connections {}", self.open_connections.load(Relaxed))?;
+        writeln!(o, "# HELP portcullis_state_errors_total Failures talking to the shared state store.")?;
+        writeln!(o, "# TYPE portcullis_state_errors_total counter")?;
+        writeln!(o, "portcullis_state_errors_total {}", self.state_errors.load(Relaxed))?;
+        Ok(())
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histogram() {
+        let m = Metrics::default();
+        let r = m.route("orders");
+        r.record_status(200);
+        r.record_status(200);
+        r.record_status(502);
+        r.record_upstream(Duration::from_millis(3));
+        m.rejection("invalid_token");
+        m.jwks_fetch("main", true);
+        let text = m.render();
+        assert!(text.contains("portcullis_requests_total{route=\"orders\",status=\"200\"} 2"));
+        assert!(text.contains("portcullis_requests_total{route=\"orders\",status=\"502\"} 1"));
+        assert!(text.contains("portcullis_upstream_duration_seconds_bucket{route=\"orders\",le=\"0.005\"} 1"));
+        assert!(text.contains("portcullis_upstream_duration_seconds_bucket{route=\"orders\",le=\"0.0025\"} 0"));
+        assert!(text.contains("portcullis_auth_rejections_total{reason=\"invalid_token\"} 1"));
+        assert!(text.contains("portcullis_jwks_fetches_total{issuer=\"main\",outcome=\"ok\"} 1"));
+    }
+}
