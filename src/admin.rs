@@ -20,13 +20,16 @@ pub async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
         (&Method::GET, "/readyz") => readyz(shared),
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(full(shared.metrics.render()));
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
             resp
         }
-        (&Method::GET, "/revocations") => {
-            json_response(StatusCode::OK, &serde_json::to_value(shared.revocations.list()).unwrap_or_default())
-        }
+        (&Method::GET, "/revocations") => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(shared.revocations.list()).unwrap_or_default(),
+        ),
         (&Method::POST, "/revocations") => post_revocation(req, shared).await,
         (_, "/healthz" | "/readyz" | "/metrics" | "/revocations") => {
             error_body(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
@@ -55,7 +58,9 @@ fn readyz(shared: &Shared) -> Response<Body> {
 async fn post_revocation(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     let bytes = match Limited::new(req.into_body(), MAX_ADMIN_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return error_body(StatusCode::BAD_REQUEST, "bad_request", "body unreadable or over 64 KiB"),
+        Err(_) => {
+            return error_body(StatusCode::BAD_REQUEST, "bad_request", "body unreadable or over 64 KiB")
+        }
     };
     let entry: Revocation = match serde_json::from_slice(&bytes) {
         Ok(e) => e,
@@ -71,6 +76,12 @@ async fn post_revocation(req: Request<Incoming>, shared: &Shared) -> Response<Bo
         return error_body(StatusCode::BAD_REQUEST, "bad_request", m);
     }
     shared.revocations.insert(&entry);
-    tracing::info!(kind = match entry { Revocation::Jti { .. } => "jti", Revocation::Sub { .. } => "sub" }, "revocation added");
+    tracing::info!(
+        kind = match entry {
+            Revocation::Jti { .. } => "jti",
+            Revocation::Sub { .. } => "sub",
+        },
+        "revocation added"
+    );
     json_response(StatusCode::CREATED, &serde_json::to_value(&entry).unwrap_or_default())
 }

@@ -251,21 +251,97 @@ pub fn bearer(headers: &HeaderMap) -> Bearer<'_> {
     }
 }
 
-/// Applies the route's policy to the request's token.
-pub async fn authenticate(headers: &HeaderMap, route: &Route, shared: &Shared) -> Result<Admitted, AuthError> {
+/// Applies the route's policy to the request's token: the `Authorization`
+/// header first, else the session cookies (refreshing when the access token
+/// has expired, is about to, or is missing). Cookies to set go to `set_cookies`.
+pub async fn authenticate(
+    req: &http::Request<hyper::body::Incoming>,
+    conn: &crate::state::Conn,
+    route: &Route,
+    sessions: Option<&Arc<crate::session::Sessions>>,
+    shared: &Shared,
+    set_cookies: &mut Vec<HeaderValue>,
+) -> Result<Admitted, AuthError> {
     let s = &route.settings;
     if s.auth == AuthMode::None {
         return Ok(Admitted::anonymous());
     }
-    let token = match bearer(headers) {
+    let none =
+        || if s.auth == AuthMode::Optional { Ok(Admitted::anonymous()) } else { Err(AuthError::Missing) };
+    let token = match bearer(req.headers()) {
         Bearer::Token(t) => t,
         Bearer::Empty => return Err(AuthError::Invalid(InvalidReason::Malformed)),
-        Bearer::Absent if s.auth == AuthMode::Optional => return Ok(Admitted::anonymous()),
-        Bearer::Absent => return Err(AuthError::Missing),
+        Bearer::Absent => match sessions {
+            Some(sessions) => return from_cookies(req, conn, route, sessions, shared, set_cookies).await,
+            None => return none(),
+        },
     };
     let Some(issuer) = &route.issuer else { return Err(AuthError::Missing) };
     let claims = verify_cached(token, issuer, shared).await?;
     admit(claims, TokenSource::Header, s, shared)
+}
+
+async fn from_cookies(
+    req: &http::Request<hyper::body::Incoming>,
+    conn: &crate::state::Conn,
+    route: &Route,
+    sessions: &Arc<crate::session::Sessions>,
+    shared: &Shared,
+    set_cookies: &mut Vec<HeaderValue>,
+) -> Result<Admitted, AuthError> {
+    use crate::session::refresh::Outcome;
+    let s = &route.settings;
+    let jar = sessions.cookies(req.headers());
+    let access = sessions.open_access(&jar);
+    let refresh = sessions.open_refresh(&jar);
+    if access.is_none() && refresh.is_none() {
+        return if s.auth == AuthMode::Optional {
+            Ok(Admitted::anonymous())
+        } else {
+            Err(AuthError::Missing)
+        };
+    }
+    crate::session::csrf::check(req.method(), req.headers(), conn.tls, &sessions.settings.allowed_origins)
+        .map_err(|_| AuthError::Csrf)?;
+    let Some(issuer) = &route.issuer else { return Err(AuthError::Missing) };
+    let now = unix_now();
+    let ahead = sessions.settings.refresh_ahead.as_secs() as i64;
+    let mut current = None;
+    let mut needs_refresh = access.is_none();
+    if let Some(at) = access {
+        match verify_cached(&at, issuer, shared).await {
+            Ok(c) => {
+                needs_refresh = refresh.is_some() && c.exp - now <= ahead;
+                current = Some((c, at));
+            }
+            // Our own cookie cannot be forged, so an invalid token in it is stale: refresh.
+            Err(AuthError::Invalid(_)) if refresh.is_some() => needs_refresh = true,
+            Err(e) => return Err(e),
+        }
+    }
+    if needs_refresh {
+        let Some(rc) = refresh else { return Err(AuthError::Missing) };
+        if now > rc.login.saturating_add(sessions.settings.absolute_timeout.as_secs() as i64) {
+            set_cookies.extend(sessions.clear_session(&jar));
+            return Err(AuthError::SessionOver);
+        }
+        match shared.refresh.refresh(&rc, sessions, &shared.metrics).await {
+            Outcome::Tokens(fresh) => {
+                set_cookies.extend(sessions.set_session(&fresh.access_token, &fresh.refresh, now, &jar));
+                let claims = verify_cached(&fresh.access_token, issuer, shared).await?;
+                current = Some((claims, fresh.access_token.clone()));
+            }
+            Outcome::SessionOver => {
+                set_cookies.extend(sessions.clear_session(&jar));
+                return Err(AuthError::SessionOver);
+            }
+            // An outage must not end the session: a still-valid token carries on.
+            Outcome::Unavailable if current.is_some() => {}
+            Outcome::Unavailable => return Err(AuthError::AuthServerDown),
+        }
+    }
+    let Some((claims, token)) = current else { return Err(AuthError::Missing) };
+    admit(claims, TokenSource::Cookie(token), s, shared)
 }
 
 /// Per-request checks that are never cached: revocation, audience, scopes.

@@ -6,6 +6,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use crate::auth::AuthError;
 use crate::body::{error_body, Body};
 use crate::forward::ForwardError;
+use crate::session::endpoints::EndpointError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -15,6 +16,20 @@ pub enum ProxyError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Forward(#[from] ForwardError),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl From<EndpointError> for ProxyError {
+    fn from(e: EndpointError) -> Self {
+        match e {
+            EndpointError::Auth(a) => ProxyError::Auth(a),
+            EndpointError::BadRequest(m) => ProxyError::BadRequest(m),
+            EndpointError::MethodNotAllowed => ProxyError::MethodNotAllowed,
+        }
+    }
 }
 
 impl ProxyError {
@@ -22,6 +37,8 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no_route",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
             ProxyError::Auth(e) => e.code(),
             ProxyError::Forward(e) => match e {
                 ForwardError::Connect { .. } | ForwardError::Upstream { .. } => "bad_gateway",
@@ -36,6 +53,10 @@ impl ProxyError {
         let (status, description, www) = match &self {
             ProxyError::NoRoute => {
                 (StatusCode::NOT_FOUND, "no route matches this host and path".to_owned(), None)
+            }
+            ProxyError::BadRequest(m) => (StatusCode::BAD_REQUEST, (*m).to_owned(), None),
+            ProxyError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not accept that method".to_owned(), None)
             }
             ProxyError::Forward(e) => match e {
                 ForwardError::Connect { .. } => {
@@ -131,6 +152,12 @@ mod tests {
     #[test]
     fn no_route_maps_to_404() {
         assert_eq!(status_of(ProxyError::NoRoute).0, 404);
+    }
+
+    #[test]
+    fn bad_request_maps_to_400() {
+        assert_eq!(status_of(ProxyError::BadRequest("x")).0, 400);
+        assert_eq!(status_of(ProxyError::MethodNotAllowed).0, 405);
     }
 
     #[test]

@@ -14,13 +14,16 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod forward;
 pub mod metrics;
+pub mod oauth;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod session;
 pub mod state;
 
 pub use server::{Addrs, Server};

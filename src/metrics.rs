@@ -10,7 +10,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 /// Upper bounds (seconds) of the upstream latency histogram.
-const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Auth rejection reasons: the `error` codes of SPEC §4 that rejections carry.
 pub const REJECTION_REASONS: [&str; 7] = [
@@ -122,7 +123,12 @@ impl Metrics {
             for (i, c) in m.by_status.iter().enumerate() {
                 let v = c.load(Relaxed);
                 if v > 0 {
-                    writeln!(o, "portcullis_requests_total{{route=\"{}\",status=\"{}\"}} {v}", esc(name), i + 100)?;
+                    writeln!(
+                        o,
+                        "portcullis_requests_total{{route=\"{}\",status=\"{}\"}} {v}",
+                        esc(name),
+                        i + 100
+                    )?;
                 }
             }
         }
@@ -132,18 +138,33 @@ impl Metrics {
             let mut cum = 0;
             for (i, bound) in BUCKETS.iter().enumerate() {
                 cum += m.buckets[i].load(Relaxed);
-                writeln!(o, "portcullis_upstream_duration_seconds_bucket{{route=\"{}\",le=\"{bound}\"}} {cum}", esc(name))?;
+                writeln!(
+                    o,
+                    "portcullis_upstream_duration_seconds_bucket{{route=\"{}\",le=\"{bound}\"}} {cum}",
+                    esc(name)
+                )?;
             }
             let count = m.count.load(Relaxed);
-            writeln!(o, "portcullis_upstream_duration_seconds_bucket{{route=\"{}\",le=\"+Inf\"}} {count}", esc(name))?;
+            writeln!(
+                o,
+                "portcullis_upstream_duration_seconds_bucket{{route=\"{}\",le=\"+Inf\"}} {count}",
+                esc(name)
+            )?;
             let sum = m.sum_micros.load(Relaxed) as f64 / 1e6;
             writeln!(o, "portcullis_upstream_duration_seconds_sum{{route=\"{}\"}} {sum}", esc(name))?;
             writeln!(o, "portcullis_upstream_duration_seconds_count{{route=\"{}\"}} {count}", esc(name))?;
         }
-        writeln!(o, "# HELP portcullis_auth_rejections_total Requests refused by authentication, by reason.")?;
+        writeln!(
+            o,
+            "# HELP portcullis_auth_rejections_total Requests refused by authentication, by reason."
+        )?;
         writeln!(o, "# TYPE portcullis_auth_rejections_total counter")?;
         for (i, r) in REJECTION_REASONS.iter().enumerate() {
-            writeln!(o, "portcullis_auth_rejections_total{{reason=\"{r}\"}} {}", self.rejections[i].load(Relaxed))?;
+            writeln!(
+                o,
+                "portcullis_auth_rejections_total{{reason=\"{r}\"}} {}",
+                self.rejections[i].load(Relaxed)
+            )?;
         }
         writeln!(o, "# HELP portcullis_refreshes_total Token refreshes brokered, by outcome.")?;
         writeln!(o, "# TYPE portcullis_refreshes_total counter")?;
@@ -155,12 +176,20 @@ impl Metrics {
         let mut jwks: Vec<_> = self.jwks.iter().map(|e| (e.key().clone(), e.value().load(Relaxed))).collect();
         jwks.sort();
         for ((issuer, outcome), v) in jwks {
-            writeln!(o, "portcullis_jwks_fetches_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {v}", esc(&issuer))?;
+            writeln!(
+                o,
+                "portcullis_jwks_fetches_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {v}",
+                esc(&issuer)
+            )?;
         }
         writeln!(o, "# HELP portcullis_config_reloads_total Configuration reloads, by outcome.")?;
         writeln!(o, "# TYPE portcullis_config_reloads_total counter")?;
         writeln!(o, "portcullis_config_reloads_total{{outcome=\"ok\"}} {}", self.reloads_ok.load(Relaxed))?;
-        writeln!(o, "portcullis_config_reloads_total{{outcome=\"error\"}} {}", self.reloads_error.load(Relaxed))?;
+        writeln!(
+            o,
+            "portcullis_config_reloads_total{{outcome=\"error\"}} {}",
+            self.reloads_error.load(Relaxed)
+        )?;
         writeln!(o, "# HELP portcullis_open_connections Downstream connections open now.")?;
         writeln!(o, "# TYPE portcullis_open_connections gauge")?;
         writeln!(o, "portcullis_open_connections {}", self.open_connections.load(Relaxed))?;
@@ -193,7 +222,9 @@ mod tests {
         assert!(text.contains("portcullis_requests_total{route=\"orders\",status=\"200\"} 2"));
         assert!(text.contains("portcullis_requests_total{route=\"orders\",status=\"502\"} 1"));
         assert!(text.contains("portcullis_upstream_duration_seconds_bucket{route=\"orders\",le=\"0.005\"} 1"));
-        assert!(text.contains("portcullis_upstream_duration_seconds_bucket{route=\"orders\",le=\"0.0025\"} 0"));
+        assert!(
+            text.contains("portcullis_upstream_duration_seconds_bucket{route=\"orders\",le=\"0.0025\"} 0")
+        );
         assert!(text.contains("portcullis_auth_rejections_total{reason=\"invalid_token\"} 1"));
         assert!(text.contains("portcullis_jwks_fetches_total{issuer=\"main\",outcome=\"ok\"} 1"));
     }

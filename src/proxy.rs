@@ -14,6 +14,7 @@ use crate::auth::{self, Admitted};
 use crate::body::Body;
 use crate::error::ProxyError;
 use crate::forward;
+use crate::session::endpoints;
 use crate::state::{Conn, Shared, Snapshot};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -26,6 +27,7 @@ struct Outcome {
     subject: Option<String>,
     upstream_time: Option<Duration>,
     error: Option<&'static str>,
+    set_cookies: Vec<HeaderValue>,
 }
 
 pub async fn handle(
@@ -51,6 +53,11 @@ pub async fn handle(
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
+    // Cookies from a refresh go out whatever the upstream answered: the old
+    // refresh token may already be rotated away.
+    for c in outcome.set_cookies.drain(..) {
+        resp.headers_mut().append(http::header::SET_COOKIE, c);
+    }
     let status = resp.status().as_u16();
     match &outcome.route_metrics {
         Some(m) => {
@@ -86,16 +93,29 @@ async fn pipeline(
 ) -> Result<Response<Body>, ProxyError> {
     // 1. Identity headers are the proxy's alone, on every route.
     auth::strip_inbound_identity(req.headers_mut(), &snap.identity_names);
-    // 2. Route by host and path.
+    // 2. The session endpoints answer themselves.
+    if let Some(sessions) = &snap.sessions {
+        if let Some(ep) = endpoints::which(sessions, req.uri().path()) {
+            outcome.route = Some("session".to_owned());
+            return Ok(endpoints::serve(ep, req, conn, sessions, shared, &mut outcome.set_cookies).await?);
+        }
+    }
+    // 3. Route by host and path.
     let host =
         req.uri().host().or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
     let route = snap.routes.find(host, req.uri().path()).ok_or(ProxyError::NoRoute)?.clone();
     outcome.route = Some(route.settings.name.clone());
     outcome.route_metrics = Some(route.metrics.clone());
-    // 3. Decide identity per the route's policy.
-    let admitted: Admitted = auth::authenticate(req.headers(), &route, shared).await?;
+    // 4. Decide identity per the route's policy (may refresh and set cookies).
+    let admitted: Admitted =
+        auth::authenticate(&req, conn, &route, snap.sessions.as_ref(), shared, &mut outcome.set_cookies)
+            .await?;
     outcome.subject = admitted.subject().map(str::to_owned);
-    // 4. Forward.
+    // The proxy's cookies never reach an upstream.
+    if let Some(sessions) = &snap.sessions {
+        sessions.scrub_upstream_cookies(req.headers_mut());
+    }
+    // 5. Forward.
     let sent = forward::send(req, &route.settings, &route.upstream, conn, &admitted).await?;
     outcome.upstream_time = Some(sent.upstream_time);
     Ok(sent.response)
@@ -109,6 +129,10 @@ fn log_error(e: &ProxyError, route: &str) {
         }
         ProxyError::Auth(a) => tracing::info!(route, reason = a.code(), detail = %a, "request rejected"),
         ProxyError::NoRoute => tracing::debug!("no route"),
+        ProxyError::BadRequest(m) => {
+            tracing::info!(route, reason = "bad_request", detail = m, "request rejected")
+        }
+        ProxyError::MethodNotAllowed => tracing::debug!(route, "method not allowed"),
     }
 }
 

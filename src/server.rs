@@ -18,9 +18,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::auth::unix_now;
 use crate::config::Config;
 use crate::state::{BuildError, Conn, Shared, Snapshot};
-use crate::auth::unix_now;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -18,6 +18,8 @@ use crate::config::{Config, KeySource, Limits, RouteSettings};
 use crate::forward::Upstream;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::RouteTable;
+use crate::session::refresh::RefreshBroker;
+use crate::session::Sessions;
 
 /// Facts about the downstream connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -40,6 +42,7 @@ pub struct Snapshot {
     pub identity_names: Vec<HeaderName>,
     pub issuers: HashMap<String, Arc<Issuer>>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub sessions: Option<Arc<Sessions>>,
     pub limits: Limits,
     pub config: Config,
 }
@@ -47,9 +50,15 @@ pub struct Snapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("route {route}: cannot set up upstream TLS")]
-    UpstreamTls { route: String, #[source] source: rustls::Error },
+    UpstreamTls {
+        route: String,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("cannot set up listener TLS")]
     ListenerTls(#[source] rustls::Error),
+    #[error("cannot set up the authorization server client")]
+    AuthServerTls(#[source] rustls::Error),
 }
 
 /// JWKS stores by (issuer name, URL), so a reload that keeps an issuer keeps its keys.
@@ -57,7 +66,13 @@ pub enum BuildError {
 pub struct KeyStores(Mutex<HashMap<(String, String), Weak<KeyStore>>>);
 
 impl KeyStores {
-    fn get(&self, name: &str, source: &KeySource, refresh: std::time::Duration, metrics: &Arc<Metrics>) -> Arc<KeyStore> {
+    fn get(
+        &self,
+        name: &str,
+        source: &KeySource,
+        refresh: std::time::Duration,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<KeyStore> {
         match source {
             KeySource::Static(keys) => KeyStore::fixed(name, keys.clone(), metrics.clone()),
             KeySource::JwksUrl(url) => {
@@ -100,16 +115,24 @@ impl Snapshot {
             entries.push((host, prefix, Arc::new(Route { settings, upstream, issuer, metrics })));
         }
         let tls = match &config.tls {
-            Some(t) => {
-                Some(crate::server::tls::server_config(t.default.clone(), &t.sni).map_err(BuildError::ListenerTls)?)
-            }
+            Some(t) => Some(
+                crate::server::tls::server_config(t.default.clone(), &t.sni)
+                    .map_err(BuildError::ListenerTls)?,
+            ),
             None => None,
+        };
+        let sessions = match (config.session.take(), &config.auth_server) {
+            (Some(session), Some(auth)) => {
+                Some(Arc::new(Sessions::new(session, auth.clone()).map_err(BuildError::AuthServerTls)?))
+            }
+            _ => None,
         };
         Ok(Self {
             routes: RouteTable::new(entries),
             identity_names: names.into_iter().collect(),
             issuers,
             tls,
+            sessions,
             limits: config.limits.clone(),
             config,
         })
@@ -129,6 +152,7 @@ pub struct Shared {
     pub revocations: Revocations,
     pub token_cache: TokenCache,
     pub key_stores: KeyStores,
+    pub refresh: Arc<RefreshBroker>,
 }
 
 impl Shared {
@@ -139,6 +163,7 @@ impl Shared {
             identity_names: Vec::new(),
             issuers: HashMap::new(),
             tls: None,
+            sessions: None,
             limits: config.limits.clone(),
             config: Config::empty(),
         };
@@ -149,6 +174,7 @@ impl Shared {
             revocations: Revocations::default(),
             token_cache: TokenCache::new(config.limits.token_cache_entries),
             key_stores: KeyStores::default(),
+            refresh: Arc::new(RefreshBroker::default()),
         });
         let snap = Snapshot::build(config, &shared)?;
         shared.current.store(Arc::new(snap));

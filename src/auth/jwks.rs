@@ -16,10 +16,6 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{header, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use super::keys::{self, KeySet};
 use crate::metrics::Metrics;
@@ -27,7 +23,7 @@ use crate::metrics::Metrics;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_JWKS_BYTES: usize = 1 << 20;
 
-type FetchClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type FetchClient = crate::client::HttpsClient<Empty<Bytes>>;
 
 pub struct KeyStore {
     name: String,
@@ -46,13 +42,21 @@ pub struct KeyStore {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("issuer {issuer}: JWKS request failed")]
-    Request { issuer: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Request {
+        issuer: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("issuer {issuer}: JWKS request timed out")]
     Timeout { issuer: String },
     #[error("issuer {issuer}: JWKS answered {status}")]
     Status { issuer: String, status: StatusCode },
     #[error("issuer {issuer}: JWKS document rejected")]
-    Document { issuer: String, #[source] source: keys::KeyError },
+    Document {
+        issuer: String,
+        #[source]
+        source: keys::KeyError,
+    },
 }
 
 impl KeyStore {
@@ -74,17 +78,7 @@ impl KeyStore {
     /// A store that fetches `url`; its background task starts now and ends when
     /// the last configuration using this store is dropped.
     pub fn remote(name: &str, url: Uri, refresh: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(FETCH_TIMEOUT));
-        let client = crate::server::tls::client_config(&[]).ok().map(|tls| {
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http);
-            Client::builder(TokioExecutor::new()).build(connector)
-        });
+        let client = crate::client::build(FETCH_TIMEOUT).ok();
         let store = Arc::new(Self {
             name: name.to_owned(),
             url: Some(url),
@@ -164,7 +158,10 @@ impl KeyStore {
             .body(Empty::new())
             .map_err(|e| FetchError::Request { issuer: issuer(), source: e.into() })?;
         let exchange = async {
-            let resp = client.request(req).await.map_err(|e| FetchError::Request { issuer: issuer(), source: e.into() })?;
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|e| FetchError::Request { issuer: issuer(), source: e.into() })?;
             if resp.status() != StatusCode::OK {
                 return Err(FetchError::Status { issuer: issuer(), status: resp.status() });
             }
@@ -176,9 +173,11 @@ impl KeyStore {
                 .to_bytes();
             Ok((body, max_age))
         };
-        let (body, max_age) =
-            tokio::time::timeout(FETCH_TIMEOUT, exchange).await.map_err(|_| FetchError::Timeout { issuer: issuer() })??;
-        let set = keys::parse_jwks(&body).map_err(|source| FetchError::Document { issuer: issuer(), source })?;
+        let (body, max_age) = tokio::time::timeout(FETCH_TIMEOUT, exchange)
+            .await
+            .map_err(|_| FetchError::Timeout { issuer: issuer() })??;
+        let set =
+            keys::parse_jwks(&body).map_err(|source| FetchError::Document { issuer: issuer(), source })?;
         let fp = fingerprint(&body);
         if self.keys.load().is_none() || self.fingerprint.swap(fp, Ordering::AcqRel) != fp {
             tracing::info!(issuer = %self.name, keys = set.len(), "JWKS loaded");

@@ -227,7 +227,9 @@ mod tests {
     #[test]
     fn audience_and_scopes() {
         let keys = keys::hmac(SECRET);
-        let t = mint(json!({"iss": "https://id.test", "exp": NOW + 60, "aud": ["a", "b"], "scope": "x y", "scp": ["z"]}));
+        let t = mint(
+            json!({"iss": "https://id.test", "exp": NOW + 60, "aud": ["a", "b"], "scope": "x y", "scp": ["z"]}),
+        );
         let c = verify(&t, &policy(), &keys, NOW).unwrap();
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert!(check_route(&c, &s(&["b"]), &s(&["x", "z"])).is_ok());
@@ -240,7 +242,13 @@ mod tests {
             check_route(&c, &[], &s(&["x", "w"])),
             Err(crate::auth::AuthError::InsufficientScope { .. })
         ));
-        let single = verify(&mint(json!({"iss": "https://id.test", "exp": NOW + 60, "aud": "a"})), &policy(), &keys, NOW).unwrap();
+        let single = verify(
+            &mint(json!({"iss": "https://id.test", "exp": NOW + 60, "aud": "a"})),
+            &policy(),
+            &keys,
+            NOW,
+        )
+        .unwrap();
         assert_eq!(single.aud, vec!["a".to_string()]);
     }
 
@@ -251,19 +259,30 @@ mod tests {
         let none = format!(
             "{}.{}.",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"iss":"https://id.test","exp":9999999999}"#)
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(br#"{"iss":"https://id.test","exp":9999999999}"#)
         );
-        assert_eq!(verify(&none, &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::AlgorithmNotAllowed)));
-        assert_eq!(verify("garbage", &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::Malformed)));
+        assert_eq!(
+            verify(&none, &p, &keys, NOW).err(),
+            Some(Rejected::Invalid(InvalidReason::AlgorithmNotAllowed))
+        );
+        assert_eq!(
+            verify("garbage", &p, &keys, NOW).err(),
+            Some(Rejected::Invalid(InvalidReason::Malformed))
+        );
         assert_eq!(verify("a.b.c", &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::Malformed)));
         let big = "a".repeat(MAX_TOKEN_BYTES + 1);
         assert_eq!(verify(&big, &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::TooLarge)));
         let good = mint(json!({"iss": "https://id.test", "exp": NOW + 60}));
         let (head, rest) = good.split_once('.').unwrap();
         let (_, sig) = rest.split_once('.').unwrap();
-        let other = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"iss":"https://id.test","exp":9999999999,"sub":"admin"}"#);
+        let other = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"iss":"https://id.test","exp":9999999999,"sub":"admin"}"#);
         let tampered = format!("{head}.{other}.{sig}");
-        assert_eq!(verify(&tampered, &p, &keys, NOW).err(), Some(Rejected::Invalid(InvalidReason::BadSignature)));
+        assert_eq!(
+            verify(&tampered, &p, &keys, NOW).err(),
+            Some(Rejected::Invalid(InvalidReason::BadSignature))
+        );
         let stripped = format!("{head}.{other}.");
         assert!(verify(&stripped, &p, &keys, NOW).is_err());
     }

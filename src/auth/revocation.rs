@@ -12,8 +12,16 @@ pub const DEFAULT_SUB_RETENTION: i64 = 86_400;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Revocation {
-    Jti { jti: String, exp: i64 },
-    Sub { sub: String, issued_before: i64, #[serde(default, skip_serializing_if = "Option::is_none")] exp: Option<i64> },
+    Jti {
+        jti: String,
+        exp: i64,
+    },
+    Sub {
+        sub: String,
+        issued_before: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exp: Option<i64>,
+    },
 }
 
 impl Revocation {
@@ -21,7 +29,9 @@ impl Revocation {
     pub fn expires_at(&self) -> i64 {
         match self {
             Revocation::Jti { exp, .. } => *exp,
-            Revocation::Sub { issued_before, exp, .. } => exp.unwrap_or(issued_before + DEFAULT_SUB_RETENTION),
+            Revocation::Sub { issued_before, exp, .. } => {
+                exp.unwrap_or(issued_before + DEFAULT_SUB_RETENTION)
+            }
         }
     }
 

@@ -103,6 +103,7 @@ pub enum ClientAuth {
     None,
 }
 
+#[derive(Clone)]
 pub struct AuthServerSettings {
     pub token_url: Uri,
     pub revocation_url: Option<Uri>,

@@ -93,11 +93,10 @@ pub fn client_config(extra_roots: &[CertificateDer<'static>]) -> Result<rustls::
     for c in extra_roots {
         roots.add(c.clone())?;
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+    // ALPN is left to the connector builder: `enable_http1` offers http/1.1 only,
+    // so `Upgrade` works end to end.
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    // Upstreams are spoken to in HTTP/1.1 so `Upgrade` works end to end.
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
+        .with_no_client_auth())
 }

@@ -1,0 +1,236 @@
+//! Client for the authorization server (RFC 6749): refresh and code grants,
+//! RFC 7009 revocation, client authentication modes, and a hard timeout.
+//! Outcomes are classified by origin: `invalid_grant` ends a session; anything
+//! else that goes wrong (unreachable, slow, 5xx, misconfigured client) is the
+//! server's problem and must not log anyone out.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Deserialize;
+
+use crate::client::HttpsClient;
+use crate::config::{AuthServerSettings, ClientAuth};
+
+const MAX_TOKEN_RESPONSE: usize = 256 * 1024;
+
+/// Tokens from a successful grant.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    pub access_token: String,
+    /// Present when the server issued (or rotated) a refresh token.
+    pub refresh_token: Option<String>,
+    pub expires_in: Option<u64>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GrantError {
+    /// The grant is dead (RFC 6749 §5.2 `invalid_grant`): the session is over.
+    #[error("the authorization server answered invalid_grant")]
+    InvalidGrant,
+    /// Unreachable, slow, 5xx, or any other unusable answer.
+    #[error("authorization server error: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_in: Option<u64>,
+    error: Option<String>,
+}
+
+pub struct OAuthClient {
+    client: HttpsClient<Full<Bytes>>,
+    settings: AuthSettings,
+}
+
+/// The parts of `[auth_server]` a grant needs.
+struct AuthSettings {
+    token_url: Uri,
+    revocation_url: Option<Uri>,
+    client_id: String,
+    client_secret: Option<String>,
+    client_auth: ClientAuth,
+    resource: Option<String>,
+    timeout: Duration,
+}
+
+impl OAuthClient {
+    pub fn new(s: &AuthServerSettings) -> Result<Self, rustls::Error> {
+        Ok(Self {
+            client: crate::client::build(s.timeout)?,
+            settings: AuthSettings {
+                token_url: s.token_url.clone(),
+                revocation_url: s.revocation_url.clone(),
+                client_id: s.client_id.clone(),
+                client_secret: s.client_secret.as_ref().map(|x| x.expose().clone()),
+                client_auth: s.client_auth,
+                resource: s.resource.clone(),
+                timeout: s.timeout,
+            },
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.settings.timeout
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens, GrantError> {
+        let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", refresh_token)];
+        if let Some(r) = &self.settings.resource {
+            form.push(("resource", r));
+        }
+        self.token_request(&form).await
+    }
+
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        redirect_uri: &str,
+        verifier: &str,
+    ) -> Result<Tokens, GrantError> {
+        let mut form = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+            ("code_verifier", verifier),
+        ];
+        if let Some(r) = &self.settings.resource {
+            form.push(("resource", r));
+        }
+        self.token_request(&form).await
+    }
+
+    /// RFC 7009; best effort (the cookies are cleared whatever it answers).
+    pub async fn revoke(&self, refresh_token: &str) -> Result<(), GrantError> {
+        let Some(url) = self.settings.revocation_url.clone() else { return Ok(()) };
+        let form = [("token", refresh_token), ("token_type_hint", "refresh_token")];
+        let (status, _) = self.post(url, &form).await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(GrantError::Unavailable(format!("revocation answered {status}")))
+        }
+    }
+
+    /// Login passthrough: POSTs the client's body to `url` and returns the answer whole.
+    pub async fn passthrough(
+        &self,
+        url: Uri,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), GrantError> {
+        let mut req =
+            Request::builder().method(Method::POST).uri(url).header(header::USER_AGENT, "portcullis");
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| GrantError::Unavailable(format!("cannot build request: {e}")))?;
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| GrantError::Unavailable(format!("request failed: {e}")))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_TOKEN_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| GrantError::Unavailable(format!("reading the answer failed: {e}")))?
+                .to_bytes();
+            Ok((parts.status, parts.headers, body))
+        };
+        tokio::time::timeout(self.settings.timeout, exchange)
+            .await
+            .map_err(|_| GrantError::Unavailable(format!("no answer within {:?}", self.settings.timeout)))?
+    }
+
+    async fn token_request(&self, form: &[(&str, &str)]) -> Result<Tokens, GrantError> {
+        let (status, body) = self.post(self.settings.token_url.clone(), form).await?;
+        let parsed: Option<TokenResponse> = serde_json::from_slice(&body).ok();
+        if status.is_success() {
+            return match parsed {
+                Some(TokenResponse { access_token: Some(a), refresh_token, expires_in, .. }) => {
+                    Ok(Tokens { access_token: a, refresh_token, expires_in })
+                }
+                _ => Err(GrantError::Unavailable("token response without access_token".into())),
+            };
+        }
+        let error = parsed.and_then(|p| p.error);
+        if matches!(status, StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED)
+            && error.as_deref() == Some("invalid_grant")
+        {
+            return Err(GrantError::InvalidGrant);
+        }
+        Err(GrantError::Unavailable(format!(
+            "token endpoint answered {status} {}",
+            error.unwrap_or_default()
+        )))
+    }
+
+    /// The form body, with client credentials for the modes that send them in it.
+    fn encode_form(&self, pairs: &[(&str, &str)]) -> String {
+        let s = &self.settings;
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.extend_pairs(pairs);
+        match (s.client_auth, &s.client_secret) {
+            (ClientAuth::SecretBasic, Some(_)) => {}
+            (ClientAuth::SecretPost, Some(secret)) => {
+                form.append_pair("client_id", &s.client_id).append_pair("client_secret", secret);
+            }
+            _ => {
+                form.append_pair("client_id", &s.client_id);
+            }
+        }
+        form.finish()
+    }
+
+    async fn post(&self, url: Uri, pairs: &[(&str, &str)]) -> Result<(StatusCode, Bytes), GrantError> {
+        let s = &self.settings;
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(url)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, "portcullis");
+        if let (ClientAuth::SecretBasic, Some(secret)) = (s.client_auth, &s.client_secret) {
+            {
+                // RFC 6749 §2.3.1: both parts form-urlencoded before base64.
+                let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+                let raw = format!("{}:{}", enc(&s.client_id), enc(secret));
+                let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw));
+                let value = HeaderValue::try_from(value)
+                    .map_err(|_| GrantError::Unavailable("bad client credentials".into()))?;
+                builder = builder.header(header::AUTHORIZATION, value);
+            }
+        }
+        let body = self.encode_form(pairs);
+        let req = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| GrantError::Unavailable(format!("cannot build request: {e}")))?;
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| GrantError::Unavailable(format!("request failed: {e}")))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| GrantError::Unavailable(format!("reading the answer failed: {e}")))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(s.timeout, exchange)
+            .await
+            .map_err(|_| GrantError::Unavailable(format!("no answer within {:?}", s.timeout)))?
+    }
+}

@@ -1,0 +1,146 @@
+//! CSRF gate for cookie-authenticated requests: an unsafe method must come from
+//! an allowed origin or the proxy's own (scheme + Host). `Origin` first, then
+//! `Referer`; a request with neither is refused (fail closed). Requests that
+//! carry an `Authorization` header never reach this check.
+
+use http::{header, HeaderMap, Method, Uri};
+
+pub fn is_unsafe(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+}
+
+/// `scheme://host[:port]`, lower-case, default port dropped.
+pub fn normalise(scheme: &str, authority: &str) -> String {
+    let scheme = scheme.to_ascii_lowercase();
+    let authority = authority.to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "https" => ":443",
+        "http" => ":80",
+        _ => "",
+    };
+    let authority =
+        if !default.is_empty() { authority.strip_suffix(default).unwrap_or(&authority) } else { &authority };
+    format!("{scheme}://{authority}")
+}
+
+fn origin_of(value: &str) -> Option<String> {
+    let uri: Uri = value.trim().parse().ok()?;
+    Some(normalise(uri.scheme_str()?, uri.authority()?.as_str()))
+}
+
+/// `Ok` when the request may proceed.
+/// A cookie-authenticated unsafe request from an origin that is neither allowed nor the proxy's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cross-origin cookie-authenticated request")]
+pub struct ForeignOrigin;
+
+pub fn check(
+    method: &Method,
+    headers: &HeaderMap,
+    tls: bool,
+    allowed: &[String],
+) -> Result<(), ForeignOrigin> {
+    if !is_unsafe(method) {
+        return Ok(());
+    }
+    let claimed = match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        Some(o) => origin_of(o),
+        None => headers.get(header::REFERER).and_then(|v| v.to_str().ok()).and_then(origin_of),
+    };
+    let Some(claimed) = claimed else { return Err(ForeignOrigin) };
+    let own = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| normalise(if tls { "https" } else { "http" }, h));
+    if own.as_deref() == Some(claimed.as_str()) || allowed.iter().any(|a| normalise_allowed(a) == claimed) {
+        Ok(())
+    } else {
+        Err(ForeignOrigin)
+    }
+}
+
+fn normalise_allowed(a: &str) -> String {
+    origin_of(a).unwrap_or_else(|| a.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn table() {
+        let allowed = vec!["https://app.example.com".to_string()];
+        let post = Method::POST;
+        type Case = (Method, Vec<(&'static str, &'static str)>, bool, bool);
+        let cases: Vec<Case> = vec![
+            (Method::GET, vec![], true, true),
+            (
+                post.clone(),
+                vec![("host", "api.example.com"), ("origin", "https://app.example.com")],
+                true,
+                true,
+            ),
+            (
+                post.clone(),
+                vec![("host", "api.example.com"), ("origin", "https://APP.example.com:443")],
+                true,
+                true,
+            ),
+            (
+                post.clone(),
+                vec![("host", "api.example.com"), ("origin", "https://api.example.com")],
+                true,
+                true,
+            ),
+            (
+                post.clone(),
+                vec![("host", "api.example.com"), ("origin", "http://api.example.com")],
+                true,
+                false,
+            ),
+            (
+                post.clone(),
+                vec![("host", "api.example.com"), ("origin", "https://evil.example")],
+                true,
+                false,
+            ),
+            (post.clone(), vec![("host", "api.example.com"), ("origin", "null")], true, false),
+            (post.clone(), vec![("host", "api.example.com")], true, false),
+            (
+                post.clone(),
+                vec![("host", "api.example.com"), ("referer", "https://app.example.com/page?x=1")],
+                true,
+                true,
+            ),
+            (
+                post.clone(),
+                vec![("host", "api.example.com"), ("referer", "https://evil.example/app.example.com")],
+                true,
+                false,
+            ),
+            (
+                Method::DELETE,
+                vec![("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080")],
+                false,
+                true,
+            ),
+            (
+                Method::PUT,
+                vec![("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8081")],
+                false,
+                false,
+            ),
+        ];
+        for (m, h, tls, ok) in cases {
+            assert_eq!(check(&m, &headers(&h), tls, &allowed).is_ok(), ok, "{m} {h:?}");
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Refresh brokering: one call to `token_url` per refresh token.
+//!
+//! ```text
+//!            ┌──────────── grace hit (old token seen within refresh_grace) ──► new pair
+//! request ───┤
+//!            └─ in flight? ── yes ─► wait on the leader's cell ─────────────► its outcome
+//!                           └ no ──► become leader: spawn the call ──► outcome
+//!                                     ├ tokens        → grace[old] = pair   (rotated | ok)
+//!                                     ├ invalid_grant → grace[old] = over   (session ends)
+//!                                     └ unavailable   → not remembered      (503, cookies kept)
+//! ```
+//!
+//! The call runs in its own task, so a client that disconnects cannot cancel a
+//! refresh half-way (the server would have rotated the token and we would have
+//! lost the new one). If a leader is dropped before its cell is filled, a waiter
+//! takes over, finds the finished task's outcome in the grace map, and makes no
+//! second call. The key is a SHA-256 of the refresh token; tokens are never logged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::OnceCell;
+
+use super::{RefreshCookie, Sessions};
+use crate::auth::cache::{hash, TokenHash};
+use crate::metrics::Metrics;
+use crate::oauth::GrantError;
+
+#[derive(Clone)]
+pub struct Fresh {
+    pub access_token: String,
+    pub refresh: RefreshCookie,
+    pub expires_in: Option<u64>,
+}
+
+#[derive(Clone)]
+pub enum Outcome {
+    Tokens(Arc<Fresh>),
+    SessionOver,
+    Unavailable,
+}
+
+#[derive(Default)]
+pub struct RefreshBroker {
+    inflight: DashMap<TokenHash, Arc<OnceCell<Outcome>>>,
+    grace: DashMap<TokenHash, (Outcome, Instant)>,
+}
+
+impl RefreshBroker {
+    fn grace_get(&self, key: &TokenHash) -> Option<Outcome> {
+        let e = self.grace.get(key)?;
+        if e.1 > Instant::now() {
+            return Some(e.0.clone());
+        }
+        drop(e);
+        self.grace.remove(key);
+        None
+    }
+
+    fn remember(&self, key: TokenHash, outcome: Outcome, grace: Duration) {
+        if self.grace.len() > 10_000 {
+            let now = Instant::now();
+            self.grace.retain(|_, (_, until)| *until > now);
+        }
+        self.grace.insert(key, (outcome, Instant::now() + grace));
+    }
+
+    /// Refreshes `rc`, sharing the call with every concurrent holder of the same token.
+    pub async fn refresh(
+        self: &Arc<Self>,
+        rc: &RefreshCookie,
+        sessions: &Arc<Sessions>,
+        metrics: &Arc<Metrics>,
+    ) -> Outcome {
+        let key = hash(&rc.rt);
+        if let Some(o) = self.grace_get(&key) {
+            metrics.refresh("grace");
+            return o;
+        }
+        let cell = self.inflight.entry(key).or_default().clone();
+        let mut led = false;
+        let outcome = cell
+            .get_or_init(|| {
+                led = true;
+                let broker = self.clone();
+                let sessions = sessions.clone();
+                let metrics = metrics.clone();
+                let rc = rc.clone();
+                async move {
+                    if let Some(o) = broker.grace_get(&key) {
+                        return o;
+                    }
+                    let task = tokio::spawn(async move { call(&broker, &sessions, &metrics, rc, key).await });
+                    task.await.unwrap_or(Outcome::Unavailable)
+                }
+            })
+            .await
+            .clone();
+        self.inflight.remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
+        if !led && !matches!(outcome, Outcome::Unavailable) {
+            metrics.refresh("grace");
+        }
+        outcome
+    }
+}
+
+async fn call(
+    broker: &RefreshBroker,
+    sessions: &Sessions,
+    metrics: &Metrics,
+    rc: RefreshCookie,
+    key: TokenHash,
+) -> Outcome {
+    let grace = sessions.settings.refresh_grace;
+    match sessions.oauth.refresh(&rc.rt).await {
+        Ok(t) => {
+            let rotated = t.refresh_token.is_some();
+            metrics.refresh(if rotated { "rotated" } else { "ok" });
+            let refresh = RefreshCookie { rt: t.refresh_token.unwrap_or(rc.rt), login: rc.login };
+            let o = Outcome::Tokens(Arc::new(Fresh {
+                access_token: t.access_token,
+                refresh,
+                expires_in: t.expires_in,
+            }));
+            broker.remember(key, o.clone(), grace);
+            o
+        }
+        Err(GrantError::InvalidGrant) => {
+            metrics.refresh("invalid_grant");
+            tracing::info!("refresh refused with invalid_grant; session ended");
+            broker.remember(key, Outcome::SessionOver, grace);
+            Outcome::SessionOver
+        }
+        Err(GrantError::Unavailable(why)) => {
+            metrics.refresh("auth_server_error");
+            tracing::warn!(reason = %why, "refresh failed; authorization server unavailable, session kept");
+            Outcome::Unavailable
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! A small authorization server for the tests, behaving like the RFCs where the
+//! proxy can tell: a JWKS endpoint whose keys can rotate, RS256/ES256/EdDSA
+//! token minting, a token endpoint with rotating refresh tokens and reuse
+//! detection (reusing a rotated refresh token revokes the whole family, RFC 9700
+//! §4.14.2), authorization code + PKCE, RFC 7009 revocation, a login endpoint
+//! for passthrough, and outages on demand.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+pub fn fixture(name: &str) -> String {
+    format!("{FIXTURES}/{name}")
+}
+
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// The public JWK of a fixture key (`rsa1`, `rsa2`, `ec1`, `ed1`).
+pub fn jwk(kid: &str) -> Value {
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(fixture("jwks.json")).unwrap()).unwrap();
+    all[kid].clone()
+}
+
+pub fn alg_of(kid: &str) -> Algorithm {
+    match &kid[..2] {
+        "rs" => Algorithm::RS256,
+        "ec" => Algorithm::ES256,
+        "ed" => Algorithm::EdDSA,
+        _ => panic!("unknown fixture key {kid}"),
+    }
+}
+
+pub fn encoding_key(kid: &str) -> EncodingKey {
+    let pem = std::fs::read(fixture(&format!("{kid}.pem"))).unwrap();
+    match alg_of(kid) {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&pem).unwrap(),
+        _ => EncodingKey::from_ed_pem(&pem).unwrap(),
+    }
+}
+
+/// Signs `claims` with fixture key `kid`, putting `kid` in the header.
+pub fn sign(kid: &str, claims: &Value) -> String {
+    let mut h = Header::new(alg_of(kid));
+    h.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&h, claims, &encoding_key(kid)).unwrap()
+}
+
+/// Signs with a fully custom header (attacks: `jku`, `x5u`, `jwk`, wrong `kid`).
+pub fn sign_with_header(kid: &str, header: Header, claims: &Value) -> String {
+    jsonwebtoken::encode(&header, claims, &encoding_key(kid)).unwrap()
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    None,
+    /// Token endpoint answers 503.
+    ServerError,
+    /// Token endpoint waits this long before answering.
+    Slow(Duration),
+}
+
+#[derive(Debug, Clone)]
+struct Family {
+    sub: String,
+    revoked: bool,
+}
+
+#[derive(Debug, Clone)]
+struct RefreshState {
+    family: usize,
+    used: bool,
+}
+
+struct Inner {
+    keys: Vec<String>,
+    signing_kid: String,
+    access_ttl: i64,
+    rotate: bool,
+    outage: Outage,
+    refresh: HashMap<String, RefreshState>,
+    families: Vec<Family>,
+    codes: HashMap<String, (String, String)>, // code -> (sub, code_challenge)
+    last_token_form: HashMap<String, String>,
+    last_token_auth: Option<String>,
+    jwks_cache_control: Option<String>,
+}
+
+pub struct TestIdp {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    pub jwks_fetches: Arc<AtomicUsize>,
+    pub token_calls: Arc<AtomicUsize>,
+    pub revocations: Arc<AtomicUsize>,
+    counter: Arc<AtomicUsize>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestIdp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub const AUDIENCE: &str = "orders-api";
+pub const CLIENT_ID: &str = "edge";
+pub const CLIENT_SECRET: &str = "s3cret-client";
+
+impl TestIdp {
+    pub async fn start() -> TestIdp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inner = Arc::new(Mutex::new(Inner {
+            keys: vec!["rsa1".into(), "ec1".into(), "ed1".into()],
+            signing_kid: "rsa1".into(),
+            access_ttl: 300,
+            rotate: true,
+            outage: Outage::None,
+            refresh: HashMap::new(),
+            families: Vec::new(),
+            codes: HashMap::new(),
+            last_token_form: HashMap::new(),
+            last_token_auth: None,
+            jwks_cache_control: None,
+        }));
+        let idp = TestIdp {
+            addr,
+            inner,
+            jwks_fetches: Arc::new(AtomicUsize::new(0)),
+            token_calls: Arc::new(AtomicUsize::new(0)),
+            revocations: Arc::new(AtomicUsize::new(0)),
+            counter: Arc::new(AtomicUsize::new(0)),
+            shutdown: None,
+        };
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let server = idp.clone_handles();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut rx => return,
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                };
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.handle(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        TestIdp { shutdown: Some(tx), ..idp }
+    }
+
+    fn clone_handles(&self) -> Handles {
+        Handles {
+            issuer: self.issuer(),
+            inner: self.inner.clone(),
+            jwks_fetches: self.jwks_fetches.clone(),
+            token_calls: self.token_calls.clone(),
+            revocations: self.revocations.clone(),
+            counter: self.counter.clone(),
+        }
+    }
+
+    pub fn issuer(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn jwks_url(&self) -> String {
+        format!("{}/jwks.json", self.issuer())
+    }
+    pub fn token_url(&self) -> String {
+        format!("{}/token", self.issuer())
+    }
+    pub fn authorize_url(&self) -> String {
+        format!("{}/authorize", self.issuer())
+    }
+    pub fn revoke_url(&self) -> String {
+        format!("{}/revoke", self.issuer())
+    }
+    pub fn login_url(&self) -> String {
+        format!("{}/login", self.issuer())
+    }
+
+    /// Publishes exactly these fixture keys in the JWKS from now on.
+    pub fn set_keys(&self, kids: &[&str]) {
+        self.inner.lock().unwrap().keys = kids.iter().map(|k| k.to_string()).collect();
+    }
+    pub fn set_signing_key(&self, kid: &str) {
+        self.inner.lock().unwrap().signing_kid = kid.to_owned();
+    }
+    pub fn set_access_ttl(&self, secs: i64) {
+        self.inner.lock().unwrap().access_ttl = secs;
+    }
+    pub fn set_rotation(&self, rotate: bool) {
+        self.inner.lock().unwrap().rotate = rotate;
+    }
+    pub fn set_outage(&self, o: Outage) {
+        self.inner.lock().unwrap().outage = o;
+    }
+    pub fn set_jwks_cache_control(&self, v: Option<&str>) {
+        self.inner.lock().unwrap().jwks_cache_control = v.map(str::to_owned);
+    }
+    pub fn last_token_form(&self) -> HashMap<String, String> {
+        self.inner.lock().unwrap().last_token_form.clone()
+    }
+    pub fn last_token_auth(&self) -> Option<String> {
+        self.inner.lock().unwrap().last_token_auth.clone()
+    }
+    /// Whether the refresh-token family containing `refresh` was revoked.
+    pub fn family_revoked(&self, refresh: &str) -> bool {
+        let g = self.inner.lock().unwrap();
+        g.refresh.get(refresh).map(|r| g.families[r.family].revoked).unwrap_or(false)
+    }
+
+    /// Claims of a normal access token for `sub`, valid for `ttl` seconds.
+    pub fn claims(&self, sub: &str, ttl: i64) -> Value {
+        let n = now();
+        json!({
+            "iss": self.issuer(), "sub": sub, "aud": AUDIENCE, "exp": n + ttl, "iat": n,
+            "scope": "orders:read orders:write", "jti": format!("jti-{}", self.counter.fetch_add(1, Ordering::SeqCst)),
+        })
+    }
+
+    /// A signed access token for `sub` with the current signing key.
+    pub fn access_token(&self, sub: &str, ttl: i64) -> String {
+        let kid = self.inner.lock().unwrap().signing_kid.clone();
+        sign(&kid, &self.claims(sub, ttl))
+    }
+
+    /// Starts a session as a login would: (access token, refresh token).
+    pub fn session(&self, sub: &str) -> (String, String) {
+        self.clone_handles().new_session(sub)
+    }
+}
+
+#[derive(Clone)]
+struct Handles {
+    issuer: String,
+    inner: Arc<Mutex<Inner>>,
+    jwks_fetches: Arc<AtomicUsize>,
+    token_calls: Arc<AtomicUsize>,
+    revocations: Arc<AtomicUsize>,
+    counter: Arc<AtomicUsize>,
+}
+
+fn json_resp(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+fn oauth_error(code: &str) -> Response<Full<Bytes>> {
+    json_resp(StatusCode::BAD_REQUEST, &json!({"error": code}))
+}
+
+pub fn parse_form(body: &[u8]) -> HashMap<String, String> {
+    form_urlencoded(std::str::from_utf8(body).unwrap_or(""))
+}
+
+fn form_urlencoded(s: &str) -> HashMap<String, String> {
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (pct_decode(k), pct_decode(v))
+        })
+        .collect()
+}
+
+fn pct_decode(s: &str) -> String {
+    let s = s.replace('+', " ");
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Handles {
+    fn mint_access(&self, sub: &str) -> (String, i64) {
+        let (kid, ttl) = {
+            let g = self.inner.lock().unwrap();
+            (g.signing_kid.clone(), g.access_ttl)
+        };
+        let n = now();
+        let claims = json!({
+            "iss": self.issuer, "sub": sub, "aud": AUDIENCE, "exp": n + ttl, "iat": n,
+            "scope": "orders:read orders:write", "jti": format!("jti-{}", self.counter.fetch_add(1, Ordering::SeqCst)),
+        });
+        (sign(&kid, &claims), ttl)
+    }
+
+    fn new_refresh(&self, family: usize) -> String {
+        let rt = format!("rt-{}-{}", family, self.counter.fetch_add(1, Ordering::SeqCst));
+        self.inner.lock().unwrap().refresh.insert(rt.clone(), RefreshState { family, used: false });
+        rt
+    }
+
+    fn new_session(&self, sub: &str) -> (String, String) {
+        let family = {
+            let mut g = self.inner.lock().unwrap();
+            g.families.push(Family { sub: sub.to_owned(), revoked: false });
+            g.families.len() - 1
+        };
+        let (at, _) = self.mint_access(sub);
+        (at, self.new_refresh(family))
+    }
+
+    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        match path.as_str() {
+            "/jwks.json" => {
+                self.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+                let (keys, cc) = {
+                    let g = self.inner.lock().unwrap();
+                    (g.keys.clone(), g.jwks_cache_control.clone())
+                };
+                let doc = json!({"keys": keys.iter().map(|k| jwk(k)).collect::<Vec<_>>()});
+                let mut r = json_resp(StatusCode::OK, &doc);
+                if let Some(cc) = cc {
+                    r.headers_mut().insert("cache-control", cc.parse().unwrap());
+                }
+                r
+            }
+            "/token" => self.token(parse_form(&body), auth).await,
+            "/revoke" => {
+                let form = parse_form(&body);
+                let mut g = self.inner.lock().unwrap();
+                if let Some(t) = form.get("token") {
+                    if let Some(fam) = g.refresh.get(t).map(|r| r.family) {
+                        g.families[fam].revoked = true;
+                    }
+                }
+                self.revocations.fetch_add(1, Ordering::SeqCst);
+                json_resp(StatusCode::OK, &json!({}))
+            }
+            "/authorize" => {
+                let q = form_urlencoded(&query);
+                let code = format!("code-{}", self.counter.fetch_add(1, Ordering::SeqCst));
+                let challenge = q.get("code_challenge").cloned().unwrap_or_default();
+                self.inner.lock().unwrap().codes.insert(code.clone(), ("alice".into(), challenge));
+                let redirect = q.get("redirect_uri").cloned().unwrap_or_default();
+                let state = q.get("state").cloned().unwrap_or_default();
+                let loc = format!("{redirect}?code={code}&state={state}&iss={}", self.issuer);
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::FOUND;
+                r.headers_mut().insert("location", loc.parse().unwrap());
+                r
+            }
+            "/login" => {
+                let creds: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                if creds["password"] != "correct horse" {
+                    return json_resp(StatusCode::UNAUTHORIZED, &json!({"error": "bad credentials"}));
+                }
+                let user = creds["username"].as_str().unwrap_or("alice").to_owned();
+                let (at, rt) = self.new_session(&user);
+                let ttl = self.inner.lock().unwrap().access_ttl;
+                json_resp(
+                    StatusCode::OK,
+                    &json!({"access_token": at, "refresh_token": rt, "expires_in": ttl, "user": {"name": user}}),
+                )
+            }
+            _ => json_resp(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
+        }
+    }
+
+    async fn token(&self, form: HashMap<String, String>, auth: Option<String>) -> Response<Full<Bytes>> {
+        self.token_calls.fetch_add(1, Ordering::SeqCst);
+        let outage = {
+            let mut g = self.inner.lock().unwrap();
+            g.last_token_form = form.clone();
+            g.last_token_auth = auth.clone();
+            g.outage
+        };
+        match outage {
+            Outage::ServerError => {
+                return json_resp(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "temporarily_unavailable"}))
+            }
+            Outage::Slow(d) => tokio::time::sleep(d).await,
+            Outage::None => {}
+        }
+        match form.get("grant_type").map(String::as_str) {
+            Some("refresh_token") => {
+                let Some(rt) = form.get("refresh_token") else { return oauth_error("invalid_request") };
+                let (family, sub, rotate) = {
+                    let mut g = self.inner.lock().unwrap();
+                    let Some(state) = g.refresh.get(rt).cloned() else { return oauth_error("invalid_grant") };
+                    if g.families[state.family].revoked {
+                        return oauth_error("invalid_grant");
+                    }
+                    let rotate = g.rotate;
+                    if state.used {
+                        // Reuse of a rotated token: treat as theft, end the whole session.
+                        g.families[state.family].revoked = true;
+                        return oauth_error("invalid_grant");
+                    }
+                    if rotate {
+                        g.refresh.get_mut(rt).unwrap().used = true;
+                    }
+                    (state.family, g.families[state.family].sub.clone(), rotate)
+                };
+                let (at, ttl) = self.mint_access(&sub);
+                let mut body = json!({"access_token": at, "token_type": "Bearer", "expires_in": ttl});
+                if rotate {
+                    body["refresh_token"] = json!(self.new_refresh(family));
+                }
+                json_resp(StatusCode::OK, &body)
+            }
+            Some("authorization_code") => {
+                let code = form.get("code").cloned().unwrap_or_default();
+                let Some((sub, challenge)) = self.inner.lock().unwrap().codes.remove(&code) else {
+                    return oauth_error("invalid_grant");
+                };
+                let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+                let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+                if b64(digest.as_ref()) != challenge {
+                    return oauth_error("invalid_grant");
+                }
+                let (at, rt) = self.new_session(&sub);
+                let ttl = self.inner.lock().unwrap().access_ttl;
+                json_resp(
+                    StatusCode::OK,
+                    &json!({"access_token": at, "refresh_token": rt, "token_type": "Bearer", "expires_in": ttl}),
+                )
+            }
+            _ => oauth_error("unsupported_grant_type"),
+        }
+    }
+}
