@@ -255,10 +255,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
     let xff = HeaderName::from_static("x-forwarded-for");
     let ip = conn.peer.ip().to_string();
-    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
+    // Every earlier hop, however many header lines carried them.
+    let mut value = String::new();
+    for prev in headers.get_all(&xff).iter().filter_map(|v| v.to_str().ok()) {
+        let prev = prev.trim();
+        if !prev.is_empty() {
+            value.push_str(prev);
+            value.push_str(", ");
+        }
+    }
+    value.push_str(&ip);
     if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(xff, v);
     }

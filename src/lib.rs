@@ -21,6 +21,7 @@ pub mod forward;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod session;

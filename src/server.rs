@@ -94,12 +94,20 @@ impl Server {
     /// requests for at most `limits.drain_timeout`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        // The admin listener outlives the drain, so `/readyz` can answer 503 meanwhile.
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
         let mut loops = Vec::new();
+        let mut admin_loops = Vec::new();
         for (kind, listener) in self.listeners {
             let shared = self.shared.clone();
-            let stop = stop_rx.clone();
-            loops.push(tokio::spawn(accept_loop(kind, listener, shared, stop, graceful.clone())));
+            if kind == Kind::Admin {
+                let stop = admin_stop_rx.clone();
+                admin_loops.push(tokio::spawn(accept_loop(kind, listener, shared, stop, None)));
+            } else {
+                let stop = stop_rx.clone();
+                loops.push(tokio::spawn(accept_loop(kind, listener, shared, stop, Some(graceful.clone()))));
+            }
         }
         shutdown.await;
         self.shared.draining.store(true, Ordering::SeqCst);
@@ -108,14 +116,19 @@ impl Server {
         for l in loops {
             let _ = l.await;
         }
-        // The accept loops held the only other references.
-        let Ok(graceful) = Arc::try_unwrap(graceful) else { return };
         let drain = self.shared.current.load().limits.drain_timeout;
-        match tokio::time::timeout(drain, graceful.shutdown()).await {
-            Ok(()) => tracing::info!("drained"),
-            Err(_) => {
-                tracing::warn!(timeout = ?drain, "drain timeout reached; closing remaining connections")
+        // The proxy accept loops held the only other references.
+        if let Ok(graceful) = Arc::try_unwrap(graceful) {
+            match tokio::time::timeout(drain, graceful.shutdown()).await {
+                Ok(()) => tracing::info!("drained"),
+                Err(_) => {
+                    tracing::warn!(timeout = ?drain, "drain timeout reached; closing remaining connections")
+                }
             }
+        }
+        let _ = admin_stop_tx.send(true);
+        for l in admin_loops {
+            let _ = l.await;
         }
     }
 }
@@ -125,7 +138,7 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
-    graceful: Arc<GracefulShutdown>,
+    graceful: Option<Arc<GracefulShutdown>>,
 ) {
     let limit = shared.current.load().limits.max_connections;
     let permits = Arc::new(Semaphore::new(limit));
@@ -148,10 +161,11 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let watcher = graceful.watcher();
+        let watcher = graceful.as_ref().map(|g| g.watcher());
+        let stop = stop.clone();
         tokio::spawn(async move {
             shared.metrics.open_connections.fetch_add(1, Ordering::Relaxed);
-            serve_connection(kind, stream, peer, &shared, watcher).await;
+            serve_connection(kind, stream, peer, &shared, watcher, stop).await;
             shared.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
@@ -177,9 +191,15 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Option<hyper_util::server::graceful::Watcher>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let snap = shared.current.load_full();
+    // Before its first request a connection is idle: shutdown simply drops it.
+    let stopping = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopping);
     let builder = builder(&snap);
     match kind {
         Kind::Admin => {
@@ -188,10 +208,22 @@ async fn serve_connection(
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(crate::admin::handle(req, &shared).await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            let _ = watcher.watch(conn.into_owned()).await;
+            // Admin connections are not drained: they must keep answering during the drain.
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         }
         Kind::Http => {
+            let Some(watcher) = watcher else { return };
+            // HTTP/1 vs HTTP/2 detection waits for the first bytes with no timeout of its
+            // own; a socket that sends nothing must not hold a connection slot forever.
+            let mut first = [0u8; 1];
+            let peek = tokio::time::timeout(snap.limits.header_read_timeout, stream.peek(&mut first));
+            tokio::select! {
+                r = peek => match r {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                },
+                _ = &mut stopping => return,
+            }
             let conn = Conn { peer, tls: false };
             let svc = proxy_service(shared.clone(), conn);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -200,6 +232,7 @@ async fn serve_connection(
             }
         }
         Kind::Https => {
+            let Some(watcher) = watcher else { return };
             let Some(tls) = snap.tls.clone() else { return };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
             let handshake =
@@ -217,6 +250,12 @@ async fn serve_connection(
             };
             let conn = Conn { peer, tls: true };
             let svc = proxy_service(shared.clone(), conn);
+            // ALPN already chose the protocol; no sniffing (and no wait) needed.
+            let builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                builder.http2_only()
+            } else {
+                builder.http1_only()
+            };
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");

@@ -13,7 +13,11 @@ use super::Claims;
 pub type TokenHash = [u8; 32];
 
 pub fn hash(token: &str) -> TokenHash {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    hash_bytes(token.as_bytes())
+}
+
+pub fn hash_bytes(bytes: &[u8]) -> TokenHash {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out

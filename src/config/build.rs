@@ -354,8 +354,11 @@ fn build_limits(cx: &mut Ctx<'_, '_>, l: file::Limits) -> Limits {
     let max_connections = positive("max_connections", l.max_connections, d.max_connections);
     let max_header_bytes = positive("max_header_bytes", l.max_header_bytes, d.max_header_bytes);
     let token_cache_entries = positive("token_cache_entries", l.token_cache_entries, d.token_cache_entries);
-    if max_header_bytes < 1024 {
-        cx.p.add(&path.key("max_header_bytes"), "must be at least 1024");
+    if max_header_bytes < 8192 {
+        cx.p.add(
+            &path.key("max_header_bytes"),
+            "must be at least 8192 (the smallest read buffer the HTTP/1 parser accepts)",
+        );
     }
     Limits {
         max_connections,

@@ -145,7 +145,7 @@ impl TestIdp {
             last_token_auth: None,
             jwks_cache_control: None,
         }));
-        let idp = TestIdp {
+        let mut idp = TestIdp {
             addr,
             inner,
             jwks_fetches: Arc::new(AtomicUsize::new(0)),
@@ -174,7 +174,8 @@ impl TestIdp {
                 });
             }
         });
-        TestIdp { shutdown: Some(tx), ..idp }
+        idp.shutdown = Some(tx);
+        idp
     }
 
     fn clone_handles(&self) -> Handles {
@@ -414,7 +415,10 @@ impl Handles {
         };
         match outage {
             Outage::ServerError => {
-                return json_resp(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "temporarily_unavailable"}))
+                return json_resp(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"error": "temporarily_unavailable"}),
+                )
             }
             Outage::Slow(d) => tokio::time::sleep(d).await,
             Outage::None => {}

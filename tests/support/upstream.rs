@@ -48,6 +48,8 @@ pub struct Echo {
     /// Every header line received, in order, names lower-case.
     pub headers: Vec<(String, String)>,
     pub body_len: u64,
+    /// The body was exactly [`Pattern`] output (true for an empty body).
+    pub body_is_pattern: bool,
 }
 
 impl Echo {
@@ -174,7 +176,8 @@ async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<Body> {
         "stream" => {
             let n = query_u64(&req, "bytes").unwrap_or(0);
             let mut resp = Response::new(Pattern::new(n).boxed_body());
-            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
             resp
         }
         "gate" => {
@@ -215,15 +218,15 @@ async fn echo(req: Request<Incoming>, path: String, st: &State) -> Response<Body
         .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
     let mut body = req.into_body();
-    let mut body_len = 0u64;
+    let mut check = PatternCheck::default();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
                 if let Some(d) = f.data_ref() {
-                    if body_len == 0 && !d.is_empty() {
+                    if check.len == 0 && !d.is_empty() {
                         st.body_started.notify_one();
                     }
-                    body_len += d.len() as u64;
+                    check.feed(d);
                 }
             }
             Err(e) => {
@@ -233,7 +236,14 @@ async fn echo(req: Request<Incoming>, path: String, st: &State) -> Response<Body
             }
         }
     }
-    let echo = Echo { upstream: st.name.clone(), method, path, headers, body_len };
+    let echo = Echo {
+        upstream: st.name.clone(),
+        method,
+        path,
+        headers,
+        body_len: check.len,
+        body_is_pattern: check.matches,
+    };
     let mut resp = Response::new(full(serde_json::to_vec(&echo).expect("echo serializes")));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
@@ -274,9 +284,24 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 
 // === misbehaving upstreams ===
 
-/// A URL on which nothing listens (connections are refused).
-pub fn refused_url() -> String {
-    format!("http://127.0.0.1:{}", super::free_port())
+/// A port held bound but not listening: connections to it are refused, and no other
+/// socket can take it while this value lives.
+pub struct Refused {
+    addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+impl Refused {
+    pub fn reserve() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(([127, 0, 0, 1], 0).into()).expect("bind");
+        let addr = socket.local_addr().expect("address");
+        Self { addr, _socket: socket }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
 }
 
 /// An upstream that answers every connection with bytes that are not HTTP, then closes.
@@ -295,6 +320,39 @@ pub async fn garbage_upstream() -> (String, JoinHandle<()>) {
         }
     });
     (url, task)
+}
+
+/// An address that accepts no connection: a listener that never calls `accept`, its
+/// queue filled until a further connect hangs (the kernel drops the SYN). The address
+/// stays a black hole while this value lives.
+pub struct Blackhole {
+    addr: SocketAddr,
+    _listener: TcpListener,
+    _fillers: Vec<tokio::net::TcpStream>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(([127, 0, 0, 1], 0).into()).expect("bind blackhole");
+        let listener = socket.listen(1).expect("listen");
+        let addr = listener.local_addr().expect("address");
+        let mut fillers = Vec::new();
+        for _ in 0..16 {
+            let attempt =
+                tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr));
+            match attempt.await {
+                Ok(Ok(s)) => fillers.push(s),
+                Ok(Err(e)) => panic!("blackhole connect failed: {e}"),
+                Err(_) => return Self { addr, _listener: listener, _fillers: fillers },
+            }
+        }
+        panic!("the accept queue of {addr} never filled up");
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
 }
 
 // === bodies ===
@@ -327,7 +385,10 @@ impl hyper::body::Body for Pattern {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let left = self.total - self.sent;
         if left == 0 {
             return Poll::Ready(None);
@@ -347,6 +408,30 @@ impl hyper::body::Body for Pattern {
     }
 }
 
+/// Checks bytes against [`Pattern`] output as they arrive, keeping only a count.
+pub struct PatternCheck {
+    pub len: u64,
+    pub matches: bool,
+}
+
+impl Default for PatternCheck {
+    fn default() -> Self {
+        Self { len: 0, matches: true }
+    }
+}
+
+impl PatternCheck {
+    pub fn feed(&mut self, data: &[u8]) {
+        for piece in data.chunks(CHUNK) {
+            let start = (self.len % PATTERN_MOD as u64) as usize;
+            if self.matches && piece != &pattern_bytes()[start..start + piece.len()] {
+                self.matches = false;
+            }
+            self.len += piece.len() as u64;
+        }
+    }
+}
+
 /// Counts a body frame by frame, checking it is [`Pattern`] output; never buffers it.
 /// Returns the byte count, or a description of the first mismatch or error.
 pub async fn count_pattern<B>(body: B) -> Result<u64, String>
@@ -355,19 +440,17 @@ where
     B::Error: std::fmt::Display,
 {
     let mut body = body;
-    let mut pos = 0u64;
+    let mut check = PatternCheck::default();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("body error after {pos} bytes: {e}"))?;
-        let Some(data) = frame.data_ref() else { continue };
-        for piece in data.chunks(CHUNK) {
-            let start = (pos % PATTERN_MOD as u64) as usize;
-            if piece != &pattern_bytes()[start..start + piece.len()] {
-                return Err(format!("body differs from the pattern near byte {pos}"));
+        let frame = frame.map_err(|e| format!("body error after {} bytes: {e}", check.len))?;
+        if let Some(data) = frame.data_ref() {
+            check.feed(data);
+            if !check.matches {
+                return Err(format!("body differs from the pattern before byte {}", check.len));
             }
-            pos += piece.len() as u64;
         }
     }
-    Ok(pos)
+    Ok(check.len)
 }
 
 /// A body fed by the test through a channel: each `send` becomes one frame.
@@ -390,7 +473,10 @@ impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }

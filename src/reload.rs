@@ -1,0 +1,80 @@
+//! Configuration reload on `SIGHUP` and on a change of the file (polled once a
+//! second, debounced). The new file is validated completely and built into a
+//! `Snapshot` before it is swapped in; in-flight requests keep the snapshot they
+//! started with. A file that fails is logged with the same messages as `check`,
+//! counted, and the running configuration stays. Listener addresses, connection
+//! limits and the token-cache size are fixed at start.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ConfigErrors;
+use crate::state::{BuildError, Shared, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Invalid(#[from] ConfigErrors),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+/// Loads, validates and swaps in `path`; on failure the running configuration stays.
+pub fn reload(shared: &Shared, path: &Path) -> Result<(), ReloadError> {
+    let result = crate::config::load(path).map_err(ReloadError::from).and_then(|config| {
+        let old = shared.current.load();
+        if config.listen.http != old.config.listen.http
+            || config.listen.https != old.config.listen.https
+            || config.listen.admin != old.config.listen.admin
+        {
+            tracing::warn!("[listen] changed; listener addresses take effect only on restart");
+        }
+        Ok(Snapshot::build(config, shared)?)
+    });
+    match result {
+        Ok(snap) => {
+            shared.current.store(Arc::new(snap));
+            shared.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(config = %path.display(), "configuration reloaded");
+            Ok(())
+        }
+        Err(e) => {
+            shared.metrics.reloads_error.fetch_add(1, Ordering::Relaxed);
+            for line in e.to_string().lines() {
+                tracing::error!(problem = line, "configuration rejected; the running configuration stays");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Fingerprint of the file as it is now (content hash); `None` if unreadable.
+fn fingerprint(path: &Path) -> Option<[u8; 32]> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(crate::auth::cache::hash_bytes(&bytes))
+}
+
+/// Reloads when `path` changes: polled every `interval`, applied once the content
+/// has been stable for one more poll (editors write in several steps).
+pub async fn watch(shared: std::sync::Weak<Shared>, path: PathBuf, interval: Duration) {
+    let mut applied = fingerprint(&path);
+    let mut pending: Option<[u8; 32]> = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(shared) = shared.upgrade() else { return };
+        let now = fingerprint(&path);
+        match (now, pending) {
+            (Some(fp), _) if Some(fp) == applied => pending = None,
+            (Some(fp), Some(p)) if fp == p => {
+                applied = Some(fp);
+                pending = None;
+                tracing::info!(config = %path.display(), "configuration file changed; reloading");
+                let _ = reload(&shared, &path);
+            }
+            (Some(fp), _) => pending = Some(fp),
+            (None, _) => {}
+        }
+    }
+}
