@@ -1,7 +1,10 @@
 //! `portcullis run`: load, bind, serve until SIGTERM/SIGINT, drain, exit.
+//! SIGHUP and changes of the file reload the configuration.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -15,21 +18,35 @@ pub async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Signals first, so a SIGHUP right after start never kills the process.
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        eprintln!("cannot install signal handlers");
+        return ExitCode::from(1);
+    };
     let server = match Server::bind(config).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(|s| s.to_string()), "failed to start");
-            eprintln!("{}: {e}", path.display());
+            let cause = std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default();
+            eprintln!("{}: {e}: {cause}", path.display());
             return ExitCode::from(1);
         }
     };
     let addrs = server.addrs();
     tracing::info!(http = ?addrs.http, https = ?addrs.https, admin = ?addrs.admin, config = %path.display(), "portcullis listening");
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        eprintln!("cannot install signal handlers");
-        return ExitCode::from(1);
-    };
+
+    let weak = Arc::downgrade(&server.shared());
+    tokio::spawn(crate::reload::watch(weak.clone(), path.clone(), Duration::from_secs(1)));
+    let hup_path = path.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!(signal = "SIGHUP", "reloading configuration");
+            let Some(shared) = weak.upgrade() else { return };
+            let _ = crate::reload::reload(&shared, &hup_path);
+        }
+    });
+
     server
         .run(async move {
             tokio::select! {

@@ -200,18 +200,35 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// `toml` must not have a `[listen]` table; one is added. Waits until `/healthz` answers.
     pub async fn start(toml: &str) -> Self {
+        Self::start_with_env(toml, &[]).await
+    }
+
+    /// Like `start`, with extra environment variables (e.g. for `*_env` keys, `PORTCULLIS_LOG`).
+    pub async fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Self {
         // A port found free can be taken by someone else before the child binds it
         // (outgoing connections draw from the same range): then try other ports.
         for _ in 0..5 {
-            if let Some(p) = Self::try_start(toml).await {
+            if let Some(p) = Self::try_start(toml, env).await {
                 return p;
             }
         }
         panic!("portcullis could not bind free ports in 5 attempts");
     }
 
+    /// The configuration file the process runs on.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.toml")
+    }
+
+    /// Replaces the configuration file (keeping the `[listen]` table), atomically by rename.
+    pub fn rewrite_config(&self, toml: &str) {
+        let text = format!("[listen]\nhttp = \"{}\"\nadmin = \"{}\"\n\n{toml}", self.http, self.admin);
+        let tmp = self.dir.write("portcullis.toml.new", &text);
+        std::fs::rename(tmp, self.config_path()).expect("replace config");
+    }
+
     /// `None` if a listener's port was taken meanwhile.
-    async fn try_start(toml: &str) -> Option<Self> {
+    async fn try_start(toml: &str, env: &[(&str, &str)]) -> Option<Self> {
         let dir = TempDir::new();
         let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -225,6 +242,7 @@ impl ProxyProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
+            .envs(env.iter().copied())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn portcullis");
