@@ -1,0 +1,108 @@
+//! Runs the real binary at debug log level through logins, refreshes, rejections
+//! and logout, then scans everything it logged for the secrets it handled.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod idp;
+mod support;
+
+use base64::Engine as _;
+use idp::TestIdp;
+use support::*;
+
+#[tokio::test]
+async fn no_token_cookie_value_or_secret_reaches_the_log() {
+    let idp = TestIdp::start().await;
+    idp.set_access_ttl(5); // every cookie request refreshes (refresh_ahead 30s)
+    let up = Upstream::start().await;
+    let cookie_key = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
+    let toml = format!(
+        r#"
+[[issuers]]
+name = "main"
+issuer = "{iss}"
+jwks_url = "{jwks}"
+[auth_server]
+token_url = "{token}"
+revocation_url = "{revoke}"
+login_url = "{login}"
+client_id = "edge"
+client_secret_env = "CLIENT_SECRET"
+[session]
+cookie_key_env = "COOKIE_KEY"
+secure = false
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "{up}"
+issuer = "main"
+"#,
+        iss = idp.issuer(),
+        jwks = idp.jwks_url(),
+        token = idp.token_url(),
+        revoke = idp.revoke_url(),
+        login = idp.login_url(),
+        up = up.url()
+    );
+    let proxy = ProxyProcess::start_with_env(
+        &toml,
+        &[("CLIENT_SECRET", idp::CLIENT_SECRET), ("COOKIE_KEY", &cookie_key), ("PORTCULLIS_LOG", "debug")],
+    )
+    .await;
+    eventually("keys loaded", DEADLINE, || async {
+        get(format!("http://{}/readyz", proxy.admin)).send().await.status == 200
+    })
+    .await;
+    let origin = format!("http://{}", proxy.http);
+    let mut secrets = vec![idp::CLIENT_SECRET.to_owned(), cookie_key.clone()];
+
+    // A bearer token, accepted, then tampered with.
+    let token = idp.access_token("alice", 300);
+    secrets.push(token.clone());
+    assert_eq!(
+        get(proxy.url("/api/x")).header("authorization", format!("Bearer {token}")).send().await.status,
+        200
+    );
+    let tampered = format!("{token}x");
+    let r = get(proxy.url("/api/x")).header("authorization", format!("Bearer {tampered}")).send().await;
+    assert_eq!(r.status, 401);
+
+    // Login passthrough: tokens go into cookies.
+    let login = post(proxy.url("/auth/login"), r#"{"username":"bob","password":"correct horse"}"#)
+        .header("content-type", "application/json")
+        .header("origin", &origin)
+        .send()
+        .await;
+    assert_eq!(login.status, 200, "{}", login.text());
+    let jar: Vec<String> = login
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
+        .collect();
+    for pair in &jar {
+        secrets.push(pair.split_once('=').unwrap().1.to_owned());
+    }
+    let cookie = jar.join("; ");
+
+    // A cookie request that refreshes, so the upstream sees a fresh access token.
+    let r = get(proxy.url("/api/me")).header("cookie", &cookie).send().await;
+    let echo = r.echo();
+    let fresh = echo.header("authorization").unwrap().trim_start_matches("Bearer ").to_owned();
+    secrets.push(fresh);
+    for v in r.headers.get_all("set-cookie") {
+        let pair = v.to_str().unwrap().split(';').next().unwrap();
+        secrets.push(pair.split_once('=').unwrap().1.to_owned());
+    }
+    // Logout revokes at the IdP.
+    let out =
+        post(proxy.url("/auth/logout"), "").header("cookie", &cookie).header("origin", &origin).send().await;
+    assert_eq!(out.status, 204);
+
+    let log = proxy.log();
+    assert!(log.contains("request"), "the access log was captured:\n{log}");
+    for s in secrets.iter().filter(|s| s.len() >= 8) {
+        assert!(!log.contains(s.as_str()), "a secret ({} bytes) appears in the log:\n{log}", s.len());
+    }
+    // Refresh tokens minted by the test IdP all look like `rt-<family>-<n>`.
+    assert!(!log.contains("rt-"), "a refresh token appears in the log:\n{log}");
+}
