@@ -45,6 +45,12 @@ fn readyz(shared: &Shared) -> Response<Body> {
     let snap = shared.current.load();
     let waiting: Vec<&str> =
         snap.issuers.values().filter(|i| !i.store.is_ready()).map(|i| i.store.name()).collect();
+    if !shared.store.ready() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "loading the shared revocation list"}),
+        );
+    }
     if waiting.is_empty() {
         json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
     } else {
@@ -76,6 +82,7 @@ async fn post_revocation(req: Request<Incoming>, shared: &Shared) -> Response<Bo
         return error_body(StatusCode::BAD_REQUEST, "bad_request", m);
     }
     shared.revocations.insert(&entry);
+    shared.store.publish_revocation(&entry).await;
     tracing::info!(
         kind = match entry {
             Revocation::Jti { .. } => "jti",

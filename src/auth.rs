@@ -325,7 +325,7 @@ async fn from_cookies(
             set_cookies.extend(sessions.clear_session(&jar));
             return Err(AuthError::SessionOver);
         }
-        match shared.refresh.refresh(&rc, sessions, &shared.metrics).await {
+        match shared.refresh.refresh(&rc, sessions, &shared.metrics, &shared.store).await {
             Outcome::Tokens(fresh) => {
                 set_cookies.extend(sessions.set_session(&fresh.access_token, &fresh.refresh, now, &jar));
                 let claims = verify_cached(&fresh.access_token, issuer, shared).await?;

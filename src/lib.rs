@@ -26,6 +26,7 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod store;
 
 pub use server::{Addrs, Server};
 pub mod run;

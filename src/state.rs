@@ -20,6 +20,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::RouteTable;
 use crate::session::refresh::RefreshBroker;
 use crate::session::Sessions;
+use crate::store::Store;
 
 /// Facts about the downstream connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -57,6 +58,8 @@ pub enum BuildError {
     },
     #[error("cannot set up listener TLS")]
     ListenerTls(#[source] rustls::Error),
+    #[error("[state] redis_url is unusable")]
+    Store(#[source] redis::RedisError),
     #[error("cannot set up the authorization server client")]
     AuthServerTls(#[source] rustls::Error),
 }
@@ -149,7 +152,8 @@ pub struct Shared {
     pub current: ArcSwap<Snapshot>,
     pub draining: AtomicBool,
     pub metrics: Arc<Metrics>,
-    pub revocations: Revocations,
+    pub revocations: Arc<Revocations>,
+    pub store: Arc<Store>,
     pub token_cache: TokenCache,
     pub key_stores: KeyStores,
     pub refresh: Arc<RefreshBroker>,
@@ -158,6 +162,10 @@ pub struct Shared {
 impl Shared {
     /// Builds the first snapshot; must run inside a Tokio runtime (JWKS tasks start here).
     pub fn new(config: Config) -> Result<Arc<Self>, BuildError> {
+        // Crates that build their own rustls configs (the Redis client) use the process default.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let metrics = Arc::new(Metrics::default());
+        let store = Arc::new(Store::new(config.state.redis.as_ref(), &metrics).map_err(BuildError::Store)?);
         let placeholder = Snapshot {
             routes: RouteTable::new(Vec::new()),
             identity_names: Vec::new(),
@@ -170,14 +178,16 @@ impl Shared {
         let shared = Arc::new(Self {
             current: ArcSwap::from_pointee(placeholder),
             draining: AtomicBool::new(false),
-            metrics: Arc::new(Metrics::default()),
-            revocations: Revocations::default(),
+            metrics,
+            revocations: Arc::new(Revocations::default()),
+            store,
             token_cache: TokenCache::new(config.limits.token_cache_entries),
             key_stores: KeyStores::default(),
             refresh: Arc::new(RefreshBroker::default()),
         });
         let snap = Snapshot::build(config, &shared)?;
         shared.current.store(Arc::new(snap));
+        shared.store.start(Arc::downgrade(&shared.revocations));
         Ok(shared)
     }
 }

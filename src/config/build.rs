@@ -662,6 +662,8 @@ fn build_state(cx: &mut Ctx<'_, '_>, s: file::State) -> StateSettings {
     };
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         cx.p.add(&path.key("redis_url"), format!("\"{url}\" must start with redis:// or rediss://"));
+    } else if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+        cx.p.add(&path.key("redis_url"), format!("not a usable Redis URL ({e})"));
     }
     let password = s
         .redis_password_env

@@ -109,7 +109,7 @@ async fn refresh(
     let jar = s.cookies(req.headers());
     let rc = s.open_refresh(&jar).ok_or(AuthError::Missing)?;
     within_absolute(s, &rc, cookies, &jar)?;
-    match shared.refresh.refresh(&rc, s, &shared.metrics).await {
+    match shared.refresh.refresh(&rc, s, &shared.metrics, &shared.store).await {
         Outcome::Tokens(fresh) => {
             cookies.extend(s.set_session(&fresh.access_token, &fresh.refresh, unix_now(), &jar));
             let expires_in = fresh.expires_in.unwrap_or(0);

@@ -26,6 +26,7 @@ use super::{RefreshCookie, Sessions};
 use crate::auth::cache::{hash, TokenHash};
 use crate::metrics::Metrics;
 use crate::oauth::GrantError;
+use crate::store::Store;
 
 #[derive(Clone)]
 pub struct Fresh {
@@ -66,12 +67,14 @@ impl RefreshBroker {
         self.grace.insert(key, (outcome, Instant::now() + grace));
     }
 
-    /// Refreshes `rc`, sharing the call with every concurrent holder of the same token.
+    /// Refreshes `rc`, sharing the call with every concurrent holder of the same
+    /// token in this process and, through `store`, across the fleet.
     pub async fn refresh(
         self: &Arc<Self>,
         rc: &RefreshCookie,
         sessions: &Arc<Sessions>,
         metrics: &Arc<Metrics>,
+        store: &Arc<Store>,
     ) -> Outcome {
         let key = hash(&rc.rt);
         if let Some(o) = self.grace_get(&key) {
@@ -86,12 +89,22 @@ impl RefreshBroker {
                 let broker = self.clone();
                 let sessions = sessions.clone();
                 let metrics = metrics.clone();
+                let store = store.clone();
                 let rc = rc.clone();
                 async move {
                     if let Some(o) = broker.grace_get(&key) {
                         return o;
                     }
-                    let task = tokio::spawn(async move { call(&broker, &sessions, &metrics, rc, key).await });
+                    let task = tokio::spawn(async move {
+                        let s = &sessions.settings;
+                        let bound = sessions.oauth.timeout();
+                        let grant = || grant(&sessions, &metrics, rc);
+                        let o = store.coordinate(&key, &sessions.sealer, bound, s.refresh_grace, grant).await;
+                        if !matches!(o, Outcome::Unavailable) {
+                            broker.remember(key, o.clone(), s.refresh_grace);
+                        }
+                        o
+                    });
                     task.await.unwrap_or(Outcome::Unavailable)
                 }
             })
@@ -105,31 +118,22 @@ impl RefreshBroker {
     }
 }
 
-async fn call(
-    broker: &RefreshBroker,
-    sessions: &Sessions,
-    metrics: &Metrics,
-    rc: RefreshCookie,
-    key: TokenHash,
-) -> Outcome {
-    let grace = sessions.settings.refresh_grace;
+/// The call to `token_url` itself.
+async fn grant(sessions: &Sessions, metrics: &Metrics, rc: RefreshCookie) -> Outcome {
     match sessions.oauth.refresh(&rc.rt).await {
         Ok(t) => {
             let rotated = t.refresh_token.is_some();
             metrics.refresh(if rotated { "rotated" } else { "ok" });
             let refresh = RefreshCookie { rt: t.refresh_token.unwrap_or(rc.rt), login: rc.login };
-            let o = Outcome::Tokens(Arc::new(Fresh {
+            Outcome::Tokens(Arc::new(Fresh {
                 access_token: t.access_token,
                 refresh,
                 expires_in: t.expires_in,
-            }));
-            broker.remember(key, o.clone(), grace);
-            o
+            }))
         }
         Err(GrantError::InvalidGrant) => {
             metrics.refresh("invalid_grant");
             tracing::info!("refresh refused with invalid_grant; session ended");
-            broker.remember(key, Outcome::SessionOver, grace);
             Outcome::SessionOver
         }
         Err(GrantError::Unavailable(why)) => {
