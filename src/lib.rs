@@ -16,6 +16,7 @@ pub mod auth;
 pub mod body;
 pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod forward;
 pub mod metrics;

@@ -4,7 +4,10 @@
 //! else that goes wrong (unreachable, slow, 5xx, misconfigured client) is the
 //! server's problem and must not log anyone out.
 
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -49,10 +52,17 @@ pub struct OAuthClient {
     settings: AuthSettings,
 }
 
+/// Where the authorization server answers; explicit keys, completed by discovery.
+#[derive(Default, Clone)]
+pub struct Endpoints {
+    pub token: Option<Uri>,
+    pub authorization: Option<Uri>,
+    pub revocation: Option<Uri>,
+}
+
 /// The parts of `[auth_server]` a grant needs.
 struct AuthSettings {
-    token_url: Uri,
-    revocation_url: Option<Uri>,
+    endpoints: Arc<ArcSwap<Endpoints>>,
     client_id: String,
     client_secret: Option<String>,
     client_auth: ClientAuth,
@@ -62,11 +72,20 @@ struct AuthSettings {
 
 impl OAuthClient {
     pub fn new(s: &AuthServerSettings) -> Result<Self, rustls::Error> {
+        let endpoints = Arc::new(ArcSwap::from_pointee(Endpoints {
+            token: s.token_url.clone(),
+            authorization: s.authorization_url.clone(),
+            revocation: s.revocation_url.clone(),
+        }));
+        if s.token_url.is_none() {
+            if let Some(issuer) = s.issuer.clone() {
+                tokio::spawn(discover(issuer, Arc::downgrade(&endpoints)));
+            }
+        }
         Ok(Self {
             client: crate::client::build(s.timeout)?,
             settings: AuthSettings {
-                token_url: s.token_url.clone(),
-                revocation_url: s.revocation_url.clone(),
+                endpoints,
                 client_id: s.client_id.clone(),
                 client_secret: s.client_secret.as_ref().map(|x| x.expose().clone()),
                 client_auth: s.client_auth,
@@ -74,6 +93,11 @@ impl OAuthClient {
                 timeout: s.timeout,
             },
         })
+    }
+
+    /// The authorization endpoint, when code + PKCE login is available.
+    pub fn authorization_url(&self) -> Option<Uri> {
+        self.settings.endpoints.load().authorization.clone()
     }
 
     pub fn timeout(&self) -> Duration {
@@ -108,7 +132,7 @@ impl OAuthClient {
 
     /// RFC 7009; best effort (the cookies are cleared whatever it answers).
     pub async fn revoke(&self, refresh_token: &str) -> Result<(), GrantError> {
-        let Some(url) = self.settings.revocation_url.clone() else { return Ok(()) };
+        let Some(url) = self.settings.endpoints.load().revocation.clone() else { return Ok(()) };
         let form = [("token", refresh_token), ("token_type_hint", "refresh_token")];
         let (status, _) = self.post(url, &form).await?;
         if status.is_success() {
@@ -153,7 +177,11 @@ impl OAuthClient {
     }
 
     async fn token_request(&self, form: &[(&str, &str)]) -> Result<Tokens, GrantError> {
-        let (status, body) = self.post(self.settings.token_url.clone(), form).await?;
+        let token_url = self.settings.endpoints.load().token.clone();
+        let Some(token_url) = token_url else {
+            return Err(GrantError::Unavailable("token endpoint not discovered yet".into()));
+        };
+        let (status, body) = self.post(token_url, form).await?;
         let parsed: Option<TokenResponse> = serde_json::from_slice(&body).ok();
         if status.is_success() {
             return match parsed {
@@ -232,5 +260,37 @@ impl OAuthClient {
         tokio::time::timeout(s.timeout, exchange)
             .await
             .map_err(|_| GrantError::Unavailable(format!("no answer within {:?}", s.timeout)))?
+    }
+}
+
+/// Completes the endpoints from the issuer's discovery document, retrying with
+/// backoff until it succeeds; explicit configuration keys win.
+async fn discover(issuer: String, endpoints: Weak<ArcSwap<Endpoints>>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match crate::discovery::fetch(&issuer).await {
+            Ok(meta) => {
+                let Some(e) = endpoints.upgrade() else { return };
+                let cur = e.load_full();
+                let pick = |explicit: &Option<Uri>, found: Option<&str>| {
+                    explicit.clone().or_else(|| crate::discovery::parse_uri(found))
+                };
+                e.store(Arc::new(Endpoints {
+                    token: pick(&cur.token, meta.token_endpoint.as_deref()),
+                    authorization: pick(&cur.authorization, meta.authorization_endpoint.as_deref()),
+                    revocation: pick(&cur.revocation, meta.revocation_endpoint.as_deref()),
+                }));
+                tracing::info!(issuer = %issuer, "authorization server endpoints discovered");
+                return;
+            }
+            Err(e) => {
+                if endpoints.strong_count() == 0 {
+                    return;
+                }
+                tracing::warn!(issuer = %issuer, error = %e, retry_in = ?backoff, "discovery failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
     }
 }

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use http::header::HeaderName;
 
 use crate::auth::cache::TokenCache;
-use crate::auth::jwks::KeyStore;
+use crate::auth::jwks::{KeyStore, Remote};
 use crate::auth::revocation::Revocations;
 use crate::auth::{jwt, Issuer};
 use crate::config::{Config, KeySource, Limits, RouteSettings};
@@ -79,13 +79,35 @@ impl KeyStores {
         match source {
             KeySource::Static(keys) => KeyStore::fixed(name, keys.clone(), metrics.clone()),
             KeySource::JwksUrl(url) => {
+                self.remote(name, url.to_string(), Remote::Jwks(url.clone()), refresh, metrics)
+            }
+            KeySource::Discover(issuer) => self.remote(
+                name,
+                format!("discover:{issuer}"),
+                Remote::Discover(issuer.clone()),
+                refresh,
+                metrics,
+            ),
+        }
+    }
+
+    fn remote(
+        &self,
+        name: &str,
+        key: String,
+        remote: Remote,
+        refresh: std::time::Duration,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<KeyStore> {
+        {
+            {
                 let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
                 map.retain(|_, w| w.strong_count() > 0);
-                let k = (name.to_owned(), url.to_string());
+                let k = (name.to_owned(), key);
                 if let Some(s) = map.get(&k).and_then(Weak::upgrade) {
                     return s;
                 }
-                let s = KeyStore::remote(name, url.clone(), refresh, metrics.clone());
+                let s = KeyStore::remote(name, remote, refresh, metrics.clone());
                 map.insert(k, Arc::downgrade(&s));
                 s
             }

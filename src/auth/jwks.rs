@@ -25,9 +25,18 @@ const MAX_JWKS_BYTES: usize = 1 << 20;
 
 type FetchClient = crate::client::HttpsClient<Empty<Bytes>>;
 
+/// Where a remote key set comes from.
+pub enum Remote {
+    Jwks(Uri),
+    /// The issuer URL, whose discovery document names `jwks_uri`.
+    Discover(String),
+}
+
 pub struct KeyStore {
     name: String,
-    url: Option<Uri>,
+    source: Option<Remote>,
+    /// The JWKS URL: configured, or read from discovery (then re-read after a failure).
+    url: ArcSwapOption<Uri>,
     keys: ArcSwapOption<KeySet>,
     generation: AtomicU64,
     fingerprint: AtomicU64,
@@ -63,7 +72,8 @@ impl KeyStore {
     pub fn fixed(name: &str, keys: Arc<KeySet>, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_owned(),
-            url: None,
+            source: None,
+            url: ArcSwapOption::empty(),
             keys: ArcSwapOption::from(Some(keys)),
             generation: AtomicU64::new(1),
             fingerprint: AtomicU64::new(0),
@@ -77,11 +87,16 @@ impl KeyStore {
 
     /// A store that fetches `url`; its background task starts now and ends when
     /// the last configuration using this store is dropped.
-    pub fn remote(name: &str, url: Uri, refresh: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn remote(name: &str, source: Remote, refresh: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+        let url = match &source {
+            Remote::Jwks(u) => ArcSwapOption::from_pointee(u.clone()),
+            Remote::Discover(_) => ArcSwapOption::empty(),
+        };
         let client = crate::client::build(FETCH_TIMEOUT).ok();
         let store = Arc::new(Self {
             name: name.to_owned(),
-            url: Some(url),
+            source: Some(source),
+            url,
             keys: ArcSwapOption::empty(),
             generation: AtomicU64::new(0),
             fingerprint: AtomicU64::new(0),
@@ -99,8 +114,8 @@ impl KeyStore {
         &self.name
     }
 
-    pub fn url(&self) -> Option<&Uri> {
-        self.url.as_ref()
+    pub fn url(&self) -> Option<Arc<Uri>> {
+        self.url.load_full()
     }
 
     /// The current keys, or `None` before the first successful fetch.
@@ -119,7 +134,7 @@ impl KeyStore {
     /// Called when a token names an unknown `kid`: refetches unless one happened
     /// within the spacing. Returns whether the key set now holds `kid`.
     pub async fn refetch_for(&self, kid: &str) -> bool {
-        if self.url.is_none() {
+        if self.source.is_none() {
             return false;
         }
         let mut last = self.last_fetch.lock().await;
@@ -150,9 +165,36 @@ impl KeyStore {
     }
 
     async fn fetch_inner(&self) -> Result<Option<Duration>, FetchError> {
+        let (Some(source), Some(client)) = (&self.source, &self.client) else { return Ok(None) };
+        let url = match (self.url.load_full(), source) {
+            (Some(u), _) => u,
+            (None, Remote::Discover(url)) => {
+                let meta = crate::discovery::fetch(url)
+                    .await
+                    .map_err(|e| FetchError::Request { issuer: self.name.clone(), source: e.into() })?;
+                let u = crate::discovery::parse_uri(meta.jwks_uri.as_deref()).ok_or_else(|| {
+                    FetchError::Request {
+                        issuer: self.name.clone(),
+                        source: "the discovery document has no usable jwks_uri".into(),
+                    }
+                })?;
+                let u = Arc::new(u);
+                self.url.store(Some(u.clone()));
+                u
+            }
+            (None, Remote::Jwks(u)) => Arc::new(u.clone()),
+        };
+        let result = self.fetch_from(client, &url).await;
+        if result.is_err() && matches!(source, Remote::Discover(_)) {
+            // The issuer may have moved its keys: read discovery again next time.
+            self.url.store(None);
+        }
+        result
+    }
+
+    async fn fetch_from(&self, client: &FetchClient, url: &Arc<Uri>) -> Result<Option<Duration>, FetchError> {
         let issuer = || self.name.clone();
-        let (Some(url), Some(client)) = (&self.url, &self.client) else { return Ok(None) };
-        let req = Request::get(url.clone())
+        let req = Request::get(Uri::clone(url))
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, "portcullis")
             .body(Empty::new())

@@ -84,6 +84,8 @@ pub struct TlsSettings {
 
 pub enum KeySource {
     JwksUrl(Uri),
+    /// `jwks_uri` from the issuer's discovery document.
+    Discover(String),
     Static(Arc<KeySet>),
 }
 
@@ -105,7 +107,8 @@ pub enum ClientAuth {
 
 #[derive(Clone)]
 pub struct AuthServerSettings {
-    pub token_url: Uri,
+    /// `None`: discovered from `issuer` with the other unset endpoints.
+    pub token_url: Option<Uri>,
     pub revocation_url: Option<Uri>,
     pub authorization_url: Option<Uri>,
     pub login_url: Option<Uri>,
@@ -399,8 +402,9 @@ fn build_issuer(cx: &mut Ctx<'_, '_>, path: &KeyPath, is: &file::Issuer) -> Opti
         is.public_key_files.is_some(),
         is.hmac_secret_env.is_some(),
     ];
-    if sources.iter().filter(|s| **s).count() != 1 {
-        cx.p.add(path, "set exactly one of jwks_url, jwks_file, public_key_files, hmac_secret_env");
+    if sources.iter().filter(|s| **s).count() > 1 {
+        let msg = "set at most one of jwks_url, jwks_file, public_key_files, hmac_secret_env (none: discover jwks_uri from the issuer)";
+        cx.p.add(path, msg);
         return None;
     }
     let hmac = is.hmac_secret_env.is_some();
@@ -435,7 +439,19 @@ fn build_issuer(cx: &mut Ctx<'_, '_>, path: &KeyPath, is: &file::Issuer) -> Opti
     if is.issuer.is_empty() {
         cx.p.add(&path.key("issuer"), "must not be empty: it is the required value of `iss`");
     }
-    let source = if let Some(u) = &is.jwks_url {
+    let source = if sources.iter().all(|s| !*s) {
+        let p = path.key("issuer");
+        match is.issuer.parse::<Uri>() {
+            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
+                KeySource::Discover(is.issuer.clone())
+            }
+            _ => {
+                let msg = "with no key source, `issuer` must be an http(s) URL to discover jwks_uri from (or set jwks_url, jwks_file, public_key_files or hmac_secret_env)";
+                cx.p.add(&p, msg);
+                return None;
+            }
+        }
+    } else if let Some(u) = &is.jwks_url {
         KeySource::JwksUrl(cx.url(&path.key("jwks_url"), u)?)
     } else if let Some(f) = &is.jwks_file {
         let p = path.key("jwks_file");
@@ -489,7 +505,17 @@ fn build_issuer(cx: &mut Ctx<'_, '_>, path: &KeyPath, is: &file::Issuer) -> Opti
 
 fn build_auth_server(cx: &mut Ctx<'_, '_>, a: file::AuthServer) -> Option<AuthServerSettings> {
     let path = KeyPath::root().key("auth_server");
-    let token_url = cx.url(&path.key("token_url"), &a.token_url);
+    let token_url = cx.opt_url(&path.key("token_url"), &a.token_url);
+    if a.token_url.is_none() {
+        match &a.issuer {
+            Some(i) => {
+                cx.url(&path.key("issuer"), i);
+            }
+            None => {
+                cx.p.add(&path.key("token_url"), "set token_url, or issuer to discover the endpoints from")
+            }
+        }
+    }
     let revocation_url = cx.opt_url(&path.key("revocation_url"), &a.revocation_url);
     let authorization_url = cx.opt_url(&path.key("authorization_url"), &a.authorization_url);
     let login_url = cx.opt_url(&path.key("login_url"), &a.login_url);
@@ -523,7 +549,7 @@ fn build_auth_server(cx: &mut Ctx<'_, '_>, a: file::AuthServer) -> Option<AuthSe
     }
     let timeout = cx.duration(&path.key("timeout"), &a.timeout, Duration::from_secs(5));
     Some(AuthServerSettings {
-        token_url: token_url?,
+        token_url,
         revocation_url,
         authorization_url,
         login_url,

@@ -75,7 +75,7 @@ pub struct Issuer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthServer {
-    pub token_url: String,
+    pub token_url: Option<String>,
     pub revocation_url: Option<String>,
     pub authorization_url: Option<String>,
     pub login_url: Option<String>,

@@ -69,10 +69,10 @@ pub async fn serve(
         Endpoint::Login if post && sessions.auth_server.login_url.is_some() => {
             login_passthrough(req, conn, sessions, cookies).await
         }
-        Endpoint::Login if get && sessions.auth_server.authorization_url.is_some() => {
+        Endpoint::Login if get && sessions.oauth.authorization_url().is_some() => {
             login_redirect(req, conn, sessions, cookies)
         }
-        Endpoint::Callback if get && sessions.auth_server.authorization_url.is_some() => {
+        Endpoint::Callback if get && sessions.oauth.authorization_url().is_some() => {
             callback(req, sessions, cookies).await
         }
         _ => Err(EndpointError::MethodNotAllowed),
@@ -227,7 +227,7 @@ fn login_redirect(
     s: &Arc<Sessions>,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
-    let Some(authz) = &s.auth_server.authorization_url else { return Err(EndpointError::MethodNotAllowed) };
+    let Some(authz) = s.oauth.authorization_url() else { return Err(EndpointError::MethodNotAllowed) };
     let fail = || EndpointError::Auth(AuthError::AuthServerDown);
     let state = s.sealer.random_token().ok_or_else(fail)?;
     let verifier = s.sealer.random_token().ok_or_else(fail)?;

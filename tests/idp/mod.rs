@@ -363,6 +363,16 @@ impl Handles {
                 }
                 r
             }
+            "/.well-known/openid-configuration" => json_resp(
+                StatusCode::OK,
+                &json!({
+                    "issuer": self.issuer,
+                    "jwks_uri": format!("{}/jwks.json", self.issuer),
+                    "token_endpoint": format!("{}/token", self.issuer),
+                    "authorization_endpoint": format!("{}/authorize", self.issuer),
+                    "revocation_endpoint": format!("{}/revoke", self.issuer),
+                }),
+            ),
             "/token" => self.token(parse_form(&body), auth).await,
             "/revoke" => {
                 let form = parse_form(&body);
