@@ -342,7 +342,7 @@ mod tests {
             allowed_origins: vec![],
         };
         let auth = crate::config::AuthServerSettings {
-            token_url: "http://127.0.0.1:1/token".parse().unwrap(),
+            token_url: Some("http://127.0.0.1:1/token".parse().unwrap()),
             revocation_url: None,
             authorization_url: None,
             login_url: None,
