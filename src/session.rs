@@ -271,6 +271,9 @@ impl Sessions {
     fn header(&self, name: &str, value: &str, max_age: i64) -> Option<HeaderValue> {
         let s = &self.settings;
         let same_site = match s.same_site {
+            // The login-state cookie must come back on the IdP's cross-site redirect
+            // to the callback, which `Strict` would prevent.
+            SameSite::Strict if name == self.login_cookie => cookie::SameSite::Lax,
             SameSite::Lax => cookie::SameSite::Lax,
             SameSite::Strict => cookie::SameSite::Strict,
             SameSite::None => cookie::SameSite::None,

@@ -65,7 +65,7 @@ pub async fn serve(
     let get = req.method() == Method::GET;
     match ep {
         Endpoint::Refresh if post => refresh(req, conn, sessions, shared, cookies).await,
-        Endpoint::Logout if post => logout(req, conn, sessions, cookies).await,
+        Endpoint::Logout if post => logout(req, conn, sessions, shared, cookies).await,
         Endpoint::Login if post && sessions.auth_server.login_url.is_some() => {
             login_passthrough(req, conn, sessions, cookies).await
         }
@@ -123,18 +123,36 @@ async fn refresh(
     }
 }
 
+/// A `jti` revocation for an access token from our own (sealed, so trusted) cookie.
+fn access_revocation(token: &str) -> Option<crate::auth::revocation::Revocation> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let jti = claims.get("jti")?.as_str()?.to_owned();
+    let exp = claims.get("exp")?.as_f64()? as i64;
+    Some(crate::auth::revocation::Revocation::Jti { jti, exp })
+}
+
 async fn logout(
     req: Request<Incoming>,
     conn: &Conn,
     s: &Arc<Sessions>,
+    shared: &Shared,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
     gate(&req, conn, s)?;
     let jar = s.cookies(req.headers());
     if let Some(rc) = s.open_refresh(&jar) {
+        // A rotated pair held for the grace window must not outlive the logout.
+        shared.refresh.end(&rc.rt);
         if let Err(e) = s.oauth.revoke(&rc.rt).await {
             tracing::warn!(error = %e, "refresh token revocation failed; cookies cleared anyway");
         }
+    }
+    // The access token dies with the session, not at its `exp`: deny its `jti`.
+    if let Some(entry) = s.open_access(&jar).and_then(|at| access_revocation(&at)) {
+        shared.revocations.insert(&entry);
+        shared.store.publish_revocation(&entry).await;
     }
     cookies.extend(s.clear_session(&jar));
     let mut resp = Response::new(crate::body::empty());

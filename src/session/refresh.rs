@@ -67,6 +67,20 @@ impl RefreshBroker {
         self.grace.insert(key, (outcome, Instant::now() + grace));
     }
 
+    /// Ends the session of `rt` in this process: the token, and any pair a
+    /// rotation handed out for it, now answer `SessionOver` for the grace window.
+    pub fn end(&self, rt: &str) {
+        let until = Instant::now() + Duration::from_secs(3600);
+        for mut e in self.grace.iter_mut() {
+            if let Outcome::Tokens(f) = &e.value().0 {
+                if f.refresh.rt == rt {
+                    *e.value_mut() = (Outcome::SessionOver, until);
+                }
+            }
+        }
+        self.grace.insert(hash(rt), (Outcome::SessionOver, until));
+    }
+
     /// Refreshes `rc`, sharing the call with every concurrent holder of the same
     /// token in this process and, through `store`, across the fleet.
     pub async fn refresh(
@@ -93,6 +107,7 @@ impl RefreshBroker {
                 let rc = rc.clone();
                 async move {
                     if let Some(o) = broker.grace_get(&key) {
+                        metrics.refresh("grace");
                         return o;
                     }
                     let task = tokio::spawn(async move {

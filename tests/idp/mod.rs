@@ -233,6 +233,13 @@ impl TestIdp {
     pub fn last_token_auth(&self) -> Option<String> {
         self.inner.lock().unwrap().last_token_auth.clone()
     }
+    /// Ends every session at the server, as an administrator (or another device's logout) would.
+    pub fn revoke_all_sessions(&self) {
+        for f in self.inner.lock().unwrap().families.iter_mut() {
+            f.revoked = true;
+        }
+    }
+
     /// Whether the refresh-token family containing `refresh` was revoked.
     pub fn family_revoked(&self, refresh: &str) -> bool {
         let g = self.inner.lock().unwrap();

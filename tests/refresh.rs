@@ -1,0 +1,752 @@
+//! Transparent refresh, the refresh endpoint and refresh outcomes (SPEC §4
+//! "Transparent refresh", "Concurrency" (grace), "Refresh outcomes",
+//! "Endpoints"), client authentication at the token endpoint (SPEC §3
+//! `[auth_server] client_auth`), and `absolute_timeout`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod idp;
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use idp::{Outage, TestIdp};
+use kit::*;
+use support::{Upstream, DEADLINE};
+
+/// A session whose access token needs refresh on every request (ttl 10 s <= refresh_ahead 30 s).
+async fn short_session(o: &Opts) -> (TestIdp, Upstream, support::Proxy, Jar) {
+    let idp = TestIdp::start().await;
+    let up = Upstream::start().await;
+    let proxy = start(&idp, &up, o).await;
+    idp.set_access_ttl(10);
+    let (_, jar) = login(&proxy, "alice").await;
+    (idp, up, proxy, jar)
+}
+
+#[tokio::test]
+async fn expiring_access_token_is_refreshed_transparently() {
+    let (idp, _up, proxy, jar) = short_session(&Opts::default()).await;
+    idp.set_access_ttl(300);
+    assert_eq!(token_calls(&idp), 0, "login passthrough does not use the token endpoint");
+
+    let r = api(&proxy, &jar).await;
+    let token = forwarded_token(&r);
+    let c = claims(&token);
+    assert_eq!(c["sub"], "alice");
+    assert!(c["exp"].as_i64().unwrap() >= now() + 200, "the upstream got the NEW token (ttl 300): {c}");
+    assert_eq!(token_calls(&idp), 1);
+    let form = idp.last_token_form();
+    assert_eq!(form.get("grant_type").map(String::as_str), Some("refresh_token"));
+    let access = assert_set(&r, ACCESS);
+    let refresh = assert_set(&r, REFRESH);
+    assert_ne!(Some(access.value.as_str()), jar.get(ACCESS));
+    assert_ne!(Some(refresh.value.as_str()), jar.get(REFRESH), "a new refresh cookie is written");
+    assert!(!access.value.contains(&token) && !access.value.contains(token.split('.').nth(1).unwrap()));
+
+    // The new cookies carry a fresh token: no further refresh, same token upstream.
+    let jar = jar.after(&r);
+    let r2 = api(&proxy, &jar).await;
+    assert_eq!(forwarded_token(&r2), token);
+    assert!(set_cookies(&r2).is_empty(), "no refresh needed: {:?}", set_cookies(&r2));
+    assert_eq!(token_calls(&idp), 1);
+    assert_eq!(refreshes(&proxy, "rotated").await, 1);
+}
+
+#[tokio::test]
+async fn expired_access_token_is_refreshed() {
+    let idp = TestIdp::start().await;
+    let up = Upstream::start().await;
+    let proxy = start(&idp, &up, &Opts::default()).await;
+    // Expired well beyond the default 30 s leeway.
+    idp.set_access_ttl(-120);
+    let (_, jar) = login(&proxy, "alice").await;
+    idp.set_access_ttl(300);
+    let r = api(&proxy, &jar).await;
+    assert!(claims(&forwarded_token(&r))["exp"].as_i64().unwrap() > now());
+    assert_eq!(token_calls(&idp), 1);
+    assert_set(&r, ACCESS);
+    assert_set(&r, REFRESH);
+}
+
+#[tokio::test]
+async fn missing_access_cookie_with_a_refresh_cookie_is_refreshed() {
+    let idp = TestIdp::start().await;
+    let up = Upstream::start().await;
+    let proxy = start(&idp, &up, &Opts::default()).await;
+    let (_, jar) = login(&proxy, "alice").await; // ttl 300: no refresh needed
+    let jar = jar.without(ACCESS);
+    let r = api(&proxy, &jar).await;
+    assert_eq!(claims(&forwarded_token(&r))["sub"], "alice");
+    assert_eq!(token_calls(&idp), 1);
+    assert_set(&r, ACCESS);
+    assert_set(&r, REFRESH);
+}
+
+#[tokio::test]
+async fn refreshed_cookies_go_out_even_when_the_upstream_fails() {
+    let down = support::Refused::reserve();
+    let routes = format!(
+        "[[routes]]\nname = \"down\"\npath_prefix = \"/down\"\nupstream = \"{}\"\n\
+         auth = \"required\"\nissuer = \"main\"\naudiences = [\"orders-api\"]",
+        down.url()
+    );
+    let (idp, _up, proxy, jar) = short_session(&Opts { routes, ..Opts::default() }).await;
+    // The old refresh token is rotated away by now: the browser must get the new one.
+    let r = jar.on(support::get(proxy.url("/down/orders"))).send().await;
+    r.assert_error(502, "bad_gateway");
+    assert_eq!(token_calls(&idp), 1);
+    assert_set(&r, ACCESS);
+    assert_set(&r, REFRESH);
+    let jar = jar.after(&r);
+    assert_eq!(api(&proxy, &jar).await.status, 200);
+    assert!(!idp.family_revoked(&last_refresh_token(&idp)));
+}
+
+#[tokio::test]
+async fn without_rotation_the_same_refresh_token_keeps_working() {
+    // A short grace, so the next needed refresh is not answered from it.
+    let o = Opts { session: "refresh_grace = \"1s\"".into(), ..Opts::default() };
+    let (idp, _up, proxy, jar) = short_session(&o).await;
+    idp.set_rotation(false);
+    let r = api(&proxy, &jar).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_set(&r, ACCESS);
+    let rt = last_refresh_token(&idp);
+    let jar = jar.after(&r);
+    let r = poll_until(
+        "a second refresh with the unrotated token",
+        DEADLINE,
+        || jar.on(support::get(proxy.url("/api/orders"))),
+        |r| r.status != 200 || token_calls(&idp) >= 2,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(token_calls(&idp), 2);
+    assert_eq!(last_refresh_token(&idp), rt, "the unrotated refresh token is kept in the cookie");
+    assert!(!idp.family_revoked(&rt));
+    assert_eq!(refreshes(&proxy, "ok").await, 2);
+    assert_eq!(refreshes(&proxy, "rotated").await, 0);
+}
+
+#[tokio::test]
+async fn old_refresh_cookie_within_grace_gets_the_new_pair_without_a_second_call() {
+    let (idp, _up, proxy, old) = short_session(&Opts::default()).await;
+    let first = api(&proxy, &old).await;
+    let new_token = forwarded_token(&first);
+    let rt1 = last_refresh_token(&idp);
+    assert_eq!(token_calls(&idp), 1);
+
+    // Another tab still holds the pre-rotation cookies.
+    let again = api(&proxy, &old).await;
+    assert_eq!(forwarded_token(&again), new_token, "the grace answer is the pair of the first refresh");
+    assert_eq!(token_calls(&idp), 1, "no second call with the rotated token");
+    assert!(!idp.family_revoked(&rt1), "reuse detection was not tripped");
+    assert_set(&again, ACCESS);
+    assert_set(&again, REFRESH);
+    assert!(refreshes(&proxy, "grace").await >= 1);
+
+    // The cookies handed out in grace hold the rotated refresh token: both tabs go on.
+    for (tab, reply) in [("first", &first), ("second", &again)] {
+        let jar = old.clone().after(reply);
+        let before = token_calls(&idp);
+        let r = api(&proxy, &jar).await;
+        assert_eq!(r.status, 200, "{tab} tab: {}", r.text());
+        assert_ne!(last_refresh_token(&idp), rt1, "{tab} tab: the rotated refresh token is used");
+        assert!(token_calls(&idp) <= before + 1);
+    }
+    assert!(!idp.family_revoked(&rt1));
+}
+
+#[tokio::test]
+async fn rotated_refresh_token_after_the_grace_is_reuse_and_ends_the_session() {
+    let o = Opts { session: "refresh_grace = \"1s\"".into(), ..Opts::default() };
+    let (idp, _up, proxy, old) = short_session(&o).await;
+    let first = api(&proxy, &old).await;
+    assert_eq!(first.status, 200);
+    let rt1 = last_refresh_token(&idp);
+    let new = old.clone().after(&first);
+
+    // Within the grace the old cookie still works; after it the proxy asks the
+    // server, which sees the rotated token again and ends the whole family.
+    let r = poll_until(
+        "the grace for the rotated token ends",
+        DEADLINE,
+        || old.on(support::get(proxy.url("/api/orders"))),
+        |r| r.status != 200,
+    )
+    .await;
+    r.assert_error(401, "session_expired");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"portcullis\", error=\"invalid_token\""));
+    assert_cleared(&r, ACCESS);
+    assert_cleared(&r, REFRESH);
+    assert!(idp.family_revoked(&rt1));
+    // The server revoked the family, so the newer cookies are dead as well.
+    api(&proxy, &new).await.assert_error(401, "session_expired");
+}
+
+#[tokio::test]
+async fn invalid_grant_ends_the_session_and_clears_both_cookies() {
+    let (idp, _up, proxy, jar) = short_session(&Opts::default()).await;
+    // The session ends at the server (an administrator, or another device's logout).
+    idp.revoke_all_sessions();
+
+    let r = api(&proxy, &jar).await;
+    r.assert_error(401, "session_expired");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"portcullis\", error=\"invalid_token\""));
+    assert_cleared(&r, ACCESS);
+    assert_cleared(&r, REFRESH);
+    assert_eq!(refreshes(&proxy, "invalid_grant").await, 1);
+    let jar = jar.after(&r);
+    assert!(jar.is_empty(), "{jar:?}");
+    api(&proxy, &jar).await.assert_error(401, "missing_token");
+}
+
+/// Login with an access token that expired long ago, so a refresh is required
+/// and no still-valid token can carry the request.
+async fn expired_session() -> (TestIdp, Upstream, support::Proxy, Jar) {
+    let idp = TestIdp::start().await;
+    let up = Upstream::start().await;
+    let proxy = start(&idp, &up, &Opts::default()).await;
+    idp.set_access_ttl(-120);
+    let (_, jar) = login(&proxy, "alice").await;
+    idp.set_access_ttl(300);
+    (idp, up, proxy, jar)
+}
+
+fn assert_outage_answer(r: &support::Reply) {
+    r.assert_error(503, "auth_server_unavailable");
+    let retry = r.header("retry-after").expect("Retry-After on 503");
+    assert!(retry.parse::<u64>().is_ok_and(|s| s > 0), "Retry-After {retry:?}");
+    assert!(set_cookies(r).is_empty(), "an outage must not touch the cookies: {:?}", set_cookies(r));
+}
+
+#[tokio::test]
+async fn auth_server_errors_answer_503_and_keep_the_session() {
+    let (idp, _up, proxy, jar) = expired_session().await;
+    idp.set_outage(Outage::ServerError);
+    assert_outage_answer(&api(&proxy, &jar).await);
+    assert_outage_answer(&refresh_now(&proxy, &jar).await);
+    assert!(refreshes(&proxy, "auth_server_error").await >= 1);
+
+    idp.set_outage(Outage::None);
+    let r = api(&proxy, &jar).await;
+    assert_eq!(r.status, 200, "the session survived the outage: {}", r.text());
+    assert_set(&r, ACCESS);
+    assert_set(&r, REFRESH);
+}
+
+#[tokio::test]
+async fn slow_auth_server_answers_503_and_keeps_the_cookies() {
+    let (idp, _up, proxy, jar) = expired_session().await;
+    idp.set_outage(Outage::Slow(Duration::from_secs(4))); // > [auth_server] timeout = 2s
+    let started = std::time::Instant::now();
+    assert_outage_answer(&api(&proxy, &jar).await);
+    assert!(
+        started.elapsed() < Duration::from_millis(3900),
+        "bounded by the timeout: {:?}",
+        started.elapsed()
+    );
+    idp.set_outage(Outage::None);
+    let r = api(&proxy, &jar).await;
+    assert_eq!(r.status, 200, "the session survived the outage: {}", r.text());
+    assert_set(&r, REFRESH);
+}
+
+#[tokio::test]
+async fn outage_with_a_still_valid_access_token_carries_on() {
+    let (idp, _up, proxy, jar) = short_session(&Opts::default()).await;
+    idp.set_outage(Outage::ServerError);
+    // The token expires within refresh_ahead but is still valid: the request goes through with it.
+    let r = api(&proxy, &jar).await;
+    assert_eq!(claims(&forwarded_token(&r))["sub"], "alice");
+    assert!(set_cookies(&r).is_empty(), "{:?}", set_cookies(&r));
+}
+
+#[tokio::test]
+async fn refresh_endpoint_refreshes_now() {
+    let idp = TestIdp::start().await;
+    let up = Upstream::start().await;
+    let proxy = start(&idp, &up, &Opts::default()).await;
+    let (_, jar) = login(&proxy, "alice").await;
+    idp.set_access_ttl(120);
+    let r = refresh_now(&proxy, &jar).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"expires_in": 120}));
+    assert_eq!(token_calls(&idp), 1);
+    assert_set(&r, ACCESS);
+    assert_set(&r, REFRESH);
+    let jar = jar.after(&r);
+    let token = forwarded_token(&api(&proxy, &jar).await);
+    let exp = claims(&token)["exp"].as_i64().unwrap();
+    assert!(
+        (now() + 100..=now() + 121).contains(&exp),
+        "the refreshed token went into the cookie: exp {exp}"
+    );
+}
+
+#[tokio::test]
+async fn refresh_endpoint_without_refresh_cookie_is_missing_token() {
+    let idp = TestIdp::start().await;
+    let up = Upstream::start().await;
+    let proxy = start(&idp, &up, &Opts::default()).await;
+    refresh_now(&proxy, &Jar::default()).await.assert_error(401, "missing_token");
+    let (_, jar) = login(&proxy, "alice").await;
+    refresh_now(&proxy, &jar.without(REFRESH)).await.assert_error(401, "missing_token");
+    assert_eq!(token_calls(&idp), 0);
+}
+
+#[tokio::test]
+async fn refresh_endpoint_with_a_dead_refresh_token_is_session_expired() {
+    let (idp, _up, proxy, jar) = short_session(&Opts::default()).await;
+    idp.revoke_all_sessions();
+    let r = refresh_now(&proxy, &jar).await;
+    r.assert_error(401, "session_expired");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"portcullis\", error=\"invalid_token\""));
+    assert_cleared(&r, ACCESS);
+    assert_cleared(&r, REFRESH);
+    assert_eq!(token_calls(&idp), 1);
+}
+
+#[tokio::test]
+async fn client_secret_basic_sends_the_secret_in_the_authorization_header() {
+    let (idp, _up, proxy, jar) = short_session(&Opts::default()).await;
+    assert_eq!(api(&proxy, &jar).await.status, 200);
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            idp::CLIENT_ID,
+            idp::CLIENT_SECRET
+        ))
+    );
+    assert_eq!(idp.last_token_auth(), Some(expected));
+    let form = idp.last_token_form();
+    assert!(!form.contains_key("client_secret"), "no secret in the form: {form:?}");
+}
+
+#[tokio::test]
+async fn client_secret_post_sends_the_secret_in_the_form() {
+    let o = Opts { client_auth: "client_secret_post", ..Opts::default() };
+    let (idp, _up, proxy, jar) = short_session(&o).await;
+    assert_eq!(api(&proxy, &jar).await.status, 200);
+    assert_eq!(idp.last_token_auth(), None);
+    let form = idp.last_token_form();
+    assert_eq!(form.get("client_id").map(String::as_str), Some(idp::CLIENT_ID));
+    assert_eq!(form.get("client_secret").map(String::as_str), Some(idp::CLIENT_SECRET));
+}
+
+#[tokio::test]
+async fn public_client_sends_only_its_id() {
+    let o = Opts { client_auth: "none", ..Opts::default() };
+    let (idp, _up, proxy, jar) = short_session(&o).await;
+    assert_eq!(api(&proxy, &jar).await.status, 200);
+    assert_eq!(idp.last_token_auth(), None);
+    let form = idp.last_token_form();
+    assert_eq!(form.get("client_id").map(String::as_str), Some(idp::CLIENT_ID));
+    assert!(!form.contains_key("client_secret"), "{form:?}");
+}
+
+#[tokio::test]
+async fn resource_indicator_is_sent_on_refresh() {
+    let o = Opts { auth: "resource = \"urn:example:orders-api\"".into(), ..Opts::default() };
+    let (idp, _up, proxy, jar) = short_session(&o).await;
+    assert_eq!(api(&proxy, &jar).await.status, 200);
+    assert_eq!(idp.last_token_form().get("resource").map(String::as_str), Some("urn:example:orders-api"));
+}
+
+#[tokio::test]
+async fn session_past_absolute_timeout_is_refused_and_cleared() {
+    let o = Opts { session: "absolute_timeout = \"2s\"\nidle_timeout = \"2s\"".into(), ..Opts::default() };
+    let (idp, _up, proxy, jar) = short_session(&o).await;
+    let first = api(&proxy, &jar).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let max_age = assert_set(&first, REFRESH).max_age().unwrap();
+    assert!((0..=2).contains(&max_age), "cookies never outlive absolute_timeout: Max-Age {max_age}");
+    let fresh = jar.clone().after(&first);
+
+    // Every request needs a refresh (ttl 10 s); the old cookie is served from the
+    // grace until the session passes its absolute deadline.
+    let r = poll_until(
+        "the session passes absolute_timeout",
+        DEADLINE,
+        || jar.on(support::get(proxy.url("/api/orders"))),
+        |r| r.status != 200,
+    )
+    .await;
+    r.assert_error(401, "session_expired");
+    assert_cleared(&r, ACCESS);
+    assert_cleared(&r, REFRESH);
+    let calls = token_calls(&idp);
+    let r = refresh_now(&proxy, &fresh).await;
+    r.assert_error(401, "session_expired");
+    assert_cleared(&r, ACCESS);
+    assert_cleared(&r, REFRESH);
+    assert_eq!(token_calls(&idp), calls, "a session past its deadline is not refreshed");
+}
+// ---------------------------------------------------------------------------
+// Session test kit (the same in every session test file: refresh.rs,
+// refresh_storm.rs, cookies.rs, csrf.rs, login.rs).
+// ---------------------------------------------------------------------------
+#[allow(dead_code)]
+mod kit {
+    use std::collections::{BTreeMap, HashMap};
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use base64::Engine as _;
+    use serde_json::Value;
+
+    use super::idp::{TestIdp, CLIENT_SECRET};
+    use super::support::{get, post, Proxy, Reply, Req, Upstream, DEADLINE};
+
+    pub const KEY_A: [u8; 32] = [0xA1; 32];
+    pub const KEY_B: [u8; 32] = [0xB2; 32];
+    pub const ACCESS: &str = "portcullis-access";
+    pub const REFRESH: &str = "portcullis-refresh";
+    pub const LOGIN: &str = "portcullis-login";
+    pub const APP_ORIGIN: &str = "http://app.test";
+    pub const PASSWORD: &str = "correct horse";
+
+    pub fn b64_key(k: &[u8; 32]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(k)
+    }
+
+    /// `CLIENT_SECRET` and `COOKIE_KEY` (`keys` sealed with the first, all open).
+    pub fn env_with_keys(keys: &[[u8; 32]]) -> HashMap<String, String> {
+        let list: Vec<String> = keys.iter().map(b64_key).collect();
+        HashMap::from([
+            ("CLIENT_SECRET".to_owned(), CLIENT_SECRET.to_owned()),
+            ("COOKIE_KEY".to_owned(), list.join(",")),
+        ])
+    }
+
+    /// A knob set for [`config`]; `Default` is the brief's example configuration.
+    #[derive(Clone)]
+    pub struct Opts {
+        /// Extra lines for `[auth_server]`; `client_auth` is not among the defaults.
+        pub auth: String,
+        pub client_auth: &'static str,
+        /// Extra lines for `[session]` (cookie_key_env, secure = false and
+        /// allowed_origins are always there).
+        pub session: String,
+        pub secure: bool,
+        pub keys: Vec<[u8; 32]>,
+        /// Extra `[[routes]]` tables (after "api" on /api and "open" on /open, auth = "none").
+        pub routes: String,
+    }
+
+    impl Default for Opts {
+        fn default() -> Self {
+            Self {
+                auth: String::new(),
+                client_auth: "client_secret_basic",
+                session: String::new(),
+                secure: false,
+                keys: vec![KEY_A],
+                routes: String::new(),
+            }
+        }
+    }
+
+    pub fn config(idp: &TestIdp, up: &Upstream, o: &Opts) -> String {
+        let client_secret = if o.client_auth == "none" {
+            String::new()
+        } else {
+            "client_secret_env = \"CLIENT_SECRET\"".into()
+        };
+        format!(
+            r#"
+[[issuers]]
+name = "main"
+issuer = "{iss}"
+jwks_url = "{jwks}"
+
+[auth_server]
+token_url = "{token}"
+revocation_url = "{revoke}"
+authorization_url = "{authorize}"
+login_url = "{login}"
+issuer = "{iss}"
+client_id = "edge"
+{client_secret}
+client_auth = "{client_auth}"
+scope = "openid offline_access"
+timeout = "2s"
+{auth}
+
+[session]
+cookie_key_env = "COOKIE_KEY"
+secure = {secure}
+allowed_origins = ["{app}"]
+{session}
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "{up}"
+auth = "required"
+issuer = "main"
+audiences = ["orders-api"]
+
+[[routes]]
+name = "open"
+path_prefix = "/open"
+upstream = "{up}"
+auth = "none"
+
+{routes}
+"#,
+            iss = idp.issuer(),
+            jwks = idp.jwks_url(),
+            token = idp.token_url(),
+            revoke = idp.revoke_url(),
+            authorize = idp.authorize_url(),
+            login = idp.login_url(),
+            client_auth = o.client_auth,
+            auth = o.auth,
+            secure = o.secure,
+            app = APP_ORIGIN,
+            session = o.session,
+            up = up.url(),
+            routes = o.routes,
+        )
+    }
+
+    /// Starts the proxy and waits until the issuer's keys are loaded.
+    pub async fn start(idp: &TestIdp, up: &Upstream, o: &Opts) -> Proxy {
+        let proxy = Proxy::start_with(&config(idp, up, o), &env_with_keys(&o.keys), Path::new(".")).await;
+        let ready = format!("{}/readyz", proxy.admin_url());
+        super::support::eventually("the proxy loads the IdP's keys", DEADLINE, || {
+            let ready = ready.clone();
+            async move { get(ready).send().await.status == 200 }
+        })
+        .await;
+        proxy
+    }
+
+    /// `http://127.0.0.1:PORT`: the proxy's own origin for CSRF purposes.
+    pub fn own_origin(proxy: &Proxy) -> String {
+        proxy.http_url()
+    }
+
+    // === Set-Cookie parsing and a tiny cookie jar ===
+
+    #[derive(Debug, Clone)]
+    pub struct SetCookie {
+        pub raw: String,
+        pub name: String,
+        pub value: String,
+        /// Attribute names and values as sent (e.g. `("Max-Age", "604800")`, `("HttpOnly", "")`).
+        pub attrs: Vec<(String, String)>,
+    }
+
+    impl SetCookie {
+        pub fn attr(&self, name: &str) -> Option<&str> {
+            self.attrs.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        }
+        pub fn has(&self, name: &str) -> bool {
+            self.attr(name).is_some()
+        }
+        pub fn max_age(&self) -> Option<i64> {
+            self.attr("Max-Age").map(|v| v.parse().unwrap_or_else(|_| panic!("Max-Age {v:?}")))
+        }
+        /// `Max-Age=0` (or an empty value): the cookie is deleted.
+        pub fn is_deletion(&self) -> bool {
+            self.max_age() == Some(0) || self.value.is_empty()
+        }
+    }
+
+    pub fn set_cookies(reply: &Reply) -> Vec<SetCookie> {
+        reply
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| {
+                let raw = v.to_str().expect("Set-Cookie is ASCII").to_owned();
+                let mut parts = raw.split(';').map(str::trim);
+                let (name, value) = parts.next().unwrap_or("").split_once('=').expect("name=value");
+                let attrs = parts
+                    .filter(|p| !p.is_empty())
+                    .map(|p| match p.split_once('=') {
+                        Some((n, v)) => (n.trim().to_owned(), v.trim().to_owned()),
+                        None => (p.to_owned(), String::new()),
+                    })
+                    .collect();
+                SetCookie {
+                    raw: raw.clone(),
+                    name: name.trim().to_owned(),
+                    value: value.trim().to_owned(),
+                    attrs,
+                }
+            })
+            .collect()
+    }
+
+    /// The Set-Cookie for `name`, if the answer has exactly one.
+    pub fn set_cookie(reply: &Reply, name: &str) -> Option<SetCookie> {
+        let all: Vec<SetCookie> = set_cookies(reply).into_iter().filter(|c| c.name == name).collect();
+        assert!(all.len() <= 1, "several Set-Cookie for {name}: {all:?}");
+        all.into_iter().next()
+    }
+
+    /// Asserts the answer deletes `name` (Max-Age=0).
+    pub fn assert_cleared(reply: &Reply, name: &str) {
+        let c = set_cookie(reply, name)
+            .unwrap_or_else(|| panic!("no Set-Cookie deleting {name}; got {:?}", set_cookies(reply)));
+        assert!(c.is_deletion(), "{name} is not deleted: {}", c.raw);
+    }
+
+    /// Asserts the answer sets (not deletes) `name`.
+    pub fn assert_set(reply: &Reply, name: &str) -> SetCookie {
+        let c = set_cookie(reply, name)
+            .unwrap_or_else(|| panic!("no Set-Cookie for {name}; got {:?}", set_cookies(reply)));
+        assert!(!c.is_deletion(), "{name} is deleted, expected a value: {}", c.raw);
+        c
+    }
+
+    /// Cookies a browser would hold for the proxy's origin.
+    #[derive(Debug, Clone, Default)]
+    pub struct Jar(pub BTreeMap<String, String>);
+
+    impl Jar {
+        /// Applies every Set-Cookie of `reply` (Max-Age=0 deletes).
+        pub fn absorb(&mut self, reply: &Reply) {
+            for c in set_cookies(reply) {
+                if c.is_deletion() {
+                    self.0.remove(&c.name);
+                } else {
+                    self.0.insert(c.name, c.value);
+                }
+            }
+        }
+        pub fn after(mut self, reply: &Reply) -> Self {
+            self.absorb(reply);
+            self
+        }
+        pub fn get(&self, name: &str) -> Option<&str> {
+            self.0.get(name).map(String::as_str)
+        }
+        /// Whether the jar holds logical cookie `name`, whole or as chunks `name.0`, `name.1`, ….
+        pub fn holds(&self, name: &str) -> bool {
+            self.0.contains_key(name) || self.0.contains_key(&format!("{name}.0"))
+        }
+        pub fn set(&mut self, name: &str, value: &str) {
+            self.0.insert(name.to_owned(), value.to_owned());
+        }
+        pub fn without(mut self, name: &str) -> Self {
+            self.0.remove(name);
+            self
+        }
+        pub fn is_empty(&self) -> bool {
+            self.0.is_empty()
+        }
+        pub fn header(&self) -> String {
+            self.0.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join("; ")
+        }
+        /// Adds the `Cookie` header to `req` (none when the jar is empty).
+        pub fn on(&self, req: Req) -> Req {
+            if self.0.is_empty() {
+                req
+            } else {
+                req.header("cookie", self.header())
+            }
+        }
+    }
+
+    // === flows ===
+
+    pub fn login_body(user: &str, password: &str) -> String {
+        serde_json::json!({"username": user, "password": password}).to_string()
+    }
+
+    /// Passthrough login from the proxy's own origin; the answer must be 200.
+    pub async fn login(proxy: &Proxy, user: &str) -> (Reply, Jar) {
+        let reply = post(proxy.url("/auth/login"), login_body(user, PASSWORD))
+            .header("content-type", "application/json")
+            .header("origin", own_origin(proxy))
+            .send()
+            .await;
+        assert_eq!(reply.status, 200, "login failed: {}", reply.text());
+        let jar = Jar::default().after(&reply);
+        assert!(jar.holds(ACCESS) && jar.holds(REFRESH), "login set {:?}", jar.0.keys().collect::<Vec<_>>());
+        (reply, jar)
+    }
+
+    pub async fn api(proxy: &Proxy, jar: &Jar) -> Reply {
+        jar.on(get(proxy.url("/api/orders"))).send().await
+    }
+
+    pub async fn refresh_now(proxy: &Proxy, jar: &Jar) -> Reply {
+        jar.on(post(proxy.url("/auth/refresh"), "")).header("origin", own_origin(proxy)).send().await
+    }
+
+    pub async fn logout(proxy: &Proxy, jar: &Jar) -> Reply {
+        jar.on(post(proxy.url("/auth/logout"), "")).header("origin", own_origin(proxy)).send().await
+    }
+
+    /// The bearer token the upstream received.
+    pub fn forwarded_token(reply: &Reply) -> String {
+        let echo = reply.echo();
+        let auth =
+            echo.header("authorization").unwrap_or_else(|| panic!("no Authorization upstream: {echo:?}"));
+        auth.strip_prefix("Bearer ").unwrap_or_else(|| panic!("not a bearer: {auth}")).to_owned()
+    }
+
+    /// The (unverified) payload of a JWT.
+    pub fn claims(token: &str) -> Value {
+        let payload = token.split('.').nth(1).expect("a JWT has a payload");
+        let bytes =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url payload");
+        serde_json::from_slice(&bytes).expect("JSON payload")
+    }
+
+    /// The refresh token the proxy sent in the last token request.
+    pub fn last_refresh_token(idp: &TestIdp) -> String {
+        idp.last_token_form().get("refresh_token").cloned().expect("last token request had a refresh_token")
+    }
+
+    pub fn token_calls(idp: &TestIdp) -> usize {
+        idp.token_calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn revocations(idp: &TestIdp) -> usize {
+        idp.revocations.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The value of `portcullis_refreshes_total{outcome="…"}`.
+    pub async fn refreshes(proxy: &Proxy, outcome: &str) -> u64 {
+        let text = get(format!("{}/metrics", proxy.admin_url())).send().await.text();
+        let prefix = format!("portcullis_refreshes_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.trim().parse().expect("counter value"))
+            .unwrap_or_else(|| panic!("no {prefix} in metrics:\n{text}"))
+    }
+
+    /// Sends `make()` until `done` holds for the reply, returning that reply; fails after `within`.
+    pub async fn poll_until<M, F>(what: &str, within: Duration, make: M, done: F) -> Reply
+    where
+        M: Fn() -> Req,
+        F: Fn(&Reply) -> bool,
+    {
+        let start = Instant::now();
+        loop {
+            let r = make().send().await;
+            if done(&r) {
+                return r;
+            }
+            assert!(
+                start.elapsed() < within,
+                "not within {within:?}: {what}; last: {} {}",
+                r.status,
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn now() -> i64 {
+        super::idp::now()
+    }
+}
