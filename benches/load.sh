@@ -18,7 +18,7 @@ need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need nginx || ! need haproxy; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy >/dev/null
 fi
-ulimit -n 65536 || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 UP=18081; NGX=18082; HAP=18083; PC=18084; PCN=18085; ADM=18086; ADMN=18087
 FIX=$PWD/tests/fixtures
@@ -33,7 +33,7 @@ cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 2;
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log;
-events { worker_connections 20000; }
+events { worker_connections 8000; }
 http {
   access_log off;
   upstream up { server 127.0.0.1:$UP; keepalive 128; }
@@ -50,7 +50,7 @@ openssl req -x509 -key "$FIX/rsa1.pem" -out "$WORK/rsa1.crt" -subj /CN=jwt -days
 cat > "$WORK/haproxy.cfg" <<HAPROXY
 global
   nbthread 2
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 5s

@@ -151,8 +151,18 @@ pub struct Verified {
 
 /// An issuer as one configuration sees it: its policy and its (shared) key store.
 pub struct Issuer {
+    /// Unique per built configuration, so verified-token cache entries never
+    /// outlive the policy (algorithms, `iss`, leeway) they were checked against.
+    pub id: usize,
     pub policy: jwt::Policy,
     pub store: Arc<KeyStore>,
+}
+
+impl Issuer {
+    pub fn new(policy: jwt::Policy, store: Arc<KeyStore>) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+        Self { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), policy, store }
+    }
 }
 
 /// Proof that the route's policy was applied: `forward::send` takes one, so no
@@ -234,7 +244,12 @@ pub enum Bearer<'a> {
 }
 
 pub fn bearer(headers: &HeaderMap) -> Bearer<'_> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else { return Bearer::Absent };
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = all.next() else { return Bearer::Absent };
+    // Two credentials: which one would the upstream read? Refuse to guess.
+    if all.next().is_some() {
+        return Bearer::Empty;
+    }
     let bytes = value.as_bytes();
     if bytes.len() < 6 || !bytes[..6].eq_ignore_ascii_case(b"bearer") {
         return Bearer::Absent;
@@ -362,7 +377,7 @@ pub fn admit(
 pub async fn verify_cached(token: &str, issuer: &Issuer, shared: &Shared) -> Result<Arc<Claims>, AuthError> {
     let now = unix_now();
     let store = &issuer.store;
-    let id = Arc::as_ptr(store) as usize;
+    let id = issuer.id;
     let key = shared.token_cache.enabled().then(|| cache::hash(token));
     if let Some(k) = &key {
         if let Some(c) = shared.token_cache.get(k, id, store.generation(), now) {

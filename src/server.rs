@@ -69,7 +69,7 @@ impl Server {
             (Kind::Admin, "admin", listen.admin),
         ] {
             let Some(addr) = addr else { continue };
-            let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { key, addr, source })?;
+            let l = bind_listener(addr).map_err(|source| StartError::Bind { key, addr, source })?;
             let local = l.local_addr().map_err(|source| StartError::Bind { key, addr, source })?;
             match kind {
                 Kind::Http => addrs.http = Some(local),
@@ -292,4 +292,14 @@ async fn sweep(shared: std::sync::Weak<Shared>) {
         let Some(s) = shared.upgrade() else { return };
         s.revocations.sweep(unix_now());
     }
+}
+
+/// Binds with a backlog deeper than the default 128, so a burst of connects is
+/// queued instead of waiting for SYN retries.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }

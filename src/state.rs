@@ -122,7 +122,7 @@ impl Snapshot {
             .iter()
             .map(|s| {
                 let store = shared.key_stores.get(&s.name, &s.source, s.jwks_refresh, &shared.metrics);
-                (s.name.clone(), Arc::new(Issuer { policy: jwt::Policy::new(s), store }))
+                (s.name.clone(), Arc::new(Issuer::new(jwt::Policy::new(s), store)))
             })
             .collect();
         let mut names = HashSet::new();

@@ -67,15 +67,22 @@ impl KeySet {
         self.keys.is_empty()
     }
 
-    /// Candidate keys for a token: the one with its `kid`, or, for a token without
-    /// `kid`, every key of a family that accepts `alg`.
+    /// Candidate keys for a token: the one with its `kid`; for a token without `kid`
+    /// every key; for an unknown `kid`, the keys that have no `kid` of their own
+    /// (PEM files, HMAC secrets). Only keys whose family accepts `alg` are returned.
     pub fn candidates<'a>(
         &'a self,
         kid: Option<&str>,
         alg: Algorithm,
     ) -> impl Iterator<Item = &'a VerifyKey> + 'a {
-        let by_kid = kid.map(|k| self.by_kid.get(k).map(|&i| &*self.keys[i]));
-        let all = if kid.is_none() { Some(self.keys.iter().map(|k| &**k)) } else { None };
+        let named = kid.and_then(|k| self.by_kid.get(k)).map(|&i| &*self.keys[i]);
+        let all = if named.is_none() {
+            let unnamed_only = kid.is_some();
+            Some(self.keys.iter().map(|k| &**k).filter(move |k| !unnamed_only || k.kid.is_none()))
+        } else {
+            None
+        };
+        let by_kid = Some(named);
         by_kid
             .into_iter()
             .flatten()
@@ -83,8 +90,9 @@ impl KeySet {
             .filter(move |k| k.family.accepts(alg) && k.alg.is_none_or(|a| a == alg))
     }
 
+    /// Whether a token naming `kid` has any key to be checked against.
     pub fn has_kid(&self, kid: &str) -> bool {
-        self.by_kid.contains_key(kid)
+        self.by_kid.contains_key(kid) || self.keys.iter().any(|k| k.kid.is_none())
     }
 }
 
@@ -182,6 +190,20 @@ mod tests {
         assert!(!KeyFamily::EcP256.accepts(ES384));
         assert!(KeyFamily::Ed25519.accepts(EdDSA));
         assert!(!KeyFamily::Ed25519.accepts(ES256));
+    }
+
+    #[test]
+    fn keys_without_kid_serve_tokens_that_name_one() {
+        let pem = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rsa1.pub.pem")).unwrap();
+        let set = KeySet::new(vec![parse_pem(&pem).unwrap()]);
+        assert!(set.has_kid("any-kid"));
+        assert_eq!(set.candidates(Some("any-kid"), RS256).count(), 1);
+        assert_eq!(set.candidates(Some("any-kid"), ES256).count(), 0);
+        let jwks = br#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"a"}]}"#;
+        let named = parse_jwks(jwks).unwrap();
+        assert!(!named.has_kid("b"), "a key with its own kid never stands in for another");
+        assert_eq!(named.candidates(Some("b"), EdDSA).count(), 0);
+        assert_eq!(named.candidates(None, EdDSA).count(), 1);
     }
 
     #[test]
