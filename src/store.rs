@@ -214,8 +214,26 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Writes queued revocations, then loads every shared one into `local`.
-    async fn full_sync(&self, local: &Revocations) -> Result<(), ()> {
+    /// Writes queued revocations (and, after a reconnect, every one this instance
+    /// holds, in case Redis came back empty), then loads every shared one into `local`.
+    async fn full_sync(&self, local: &Revocations, reconnected: bool) -> Result<(), ()> {
+        if reconnected {
+            let now_ms = crate::auth::unix_now() * 1000;
+            for r in local.list() {
+                let until_ms = r.expires_at().saturating_mul(1000);
+                if until_ms <= now_ms {
+                    continue;
+                }
+                let json = serde_json::to_string(&r).map_err(|_| ())?;
+                let key = self.revocation_key(&r);
+                let _: Option<String> = self
+                    .query(
+                        "restore revocation",
+                        redis::cmd("SET").arg(&key).arg(&json).arg("NX").arg("PXAT").arg(until_ms),
+                    )
+                    .await?;
+            }
+        }
         let queued: Vec<Revocation> = std::mem::take(&mut *self.lock_pending());
         for (i, r) in queued.iter().enumerate() {
             if self.write_revocation(r).await.is_err() {
@@ -330,6 +348,15 @@ impl RedisStore {
                 .await;
             match won {
                 Ok(Some(_)) => {
+                    // The previous holder may have stored its outcome and released the
+                    // lock between our read and our SET: calling now would reuse a
+                    // rotated token.
+                    if let Ok(Some(o)) = self.load_outcome(&outcome_key, sealer).await {
+                        let _: Result<i64, ()> =
+                            self.query("release refresh lock", redis::cmd("DEL").arg(&lock_key)).await;
+                        self.metrics.refresh("grace");
+                        return o;
+                    }
                     let Some(call) = call.take() else { return Outcome::Unavailable };
                     let outcome = call().await;
                     self.store_outcome(&outcome_key, sealer, &outcome, grace).await;
@@ -381,7 +408,7 @@ async fn sync_loop(store: Weak<RedisStore>, revocations: Weak<Revocations>) {
             backoff = (backoff * 2).min(Duration::from_secs(5));
             continue;
         };
-        if s.full_sync(&local).await.is_err() {
+        if s.full_sync(&local, true).await.is_err() {
             drop((s, local, pubsub));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -403,7 +430,7 @@ async fn sync_loop(store: Weak<RedisStore>, revocations: Weak<Revocations>) {
                 }
                 _ = resync.tick() => {
                     let (Some(s), Some(local)) = (store.upgrade(), revocations.upgrade()) else { return };
-                    if s.full_sync(&local).await.is_err() {
+                    if s.full_sync(&local, false).await.is_err() {
                         break;
                     }
                 }

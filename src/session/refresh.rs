@@ -12,15 +12,17 @@
 //!
 //! The call runs in its own task, so a client that disconnects cannot cancel a
 //! refresh half-way (the server would have rotated the token and we would have
-//! lost the new one). If a leader is dropped before its cell is filled, a waiter
-//! takes over, finds the finished task's outcome in the grace map, and makes no
-//! second call. The key is a SHA-256 of the refresh token; tokens are never logged.
+//! lost the new one), and the flight is shared until that task ends: a waiter
+//! that gives up never starts a second call. Each caller waits at most the
+//! authorization server's timeout plus one second. The key is a SHA-256 of the
+//! refresh token; tokens are never logged.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use tokio::sync::OnceCell;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use super::{RefreshCookie, Sessions};
 use crate::auth::cache::{hash, TokenHash};
@@ -44,7 +46,7 @@ pub enum Outcome {
 
 #[derive(Default)]
 pub struct RefreshBroker {
-    inflight: DashMap<TokenHash, Arc<OnceCell<Outcome>>>,
+    inflight: DashMap<TokenHash, Shared<BoxFuture<'static, Outcome>>>,
     grace: DashMap<TokenHash, (Outcome, Instant)>,
 }
 
@@ -82,7 +84,8 @@ impl RefreshBroker {
     }
 
     /// Refreshes `rc`, sharing the call with every concurrent holder of the same
-    /// token in this process and, through `store`, across the fleet.
+    /// token in this process and, through `store`, across the fleet. A caller waits
+    /// at most the authorization server's timeout plus one second.
     pub async fn refresh(
         self: &Arc<Self>,
         rc: &RefreshCookie,
@@ -95,37 +98,35 @@ impl RefreshBroker {
             metrics.refresh("grace");
             return o;
         }
-        let cell = self.inflight.entry(key).or_default().clone();
-        let mut led = false;
-        let outcome = cell
-            .get_or_init(|| {
-                led = true;
+        let (call, led) = match self.inflight.entry(key) {
+            Entry::Occupied(e) => (e.get().clone(), false),
+            Entry::Vacant(v) => {
+                // The call is spawned once, here, and shared: no waiter's
+                // cancellation can stop it or start a second one.
                 let broker = self.clone();
                 let sessions = sessions.clone();
                 let metrics = metrics.clone();
                 let store = store.clone();
                 let rc = rc.clone();
-                async move {
-                    if let Some(o) = broker.grace_get(&key) {
-                        metrics.refresh("grace");
-                        return o;
+                let task = tokio::spawn(async move {
+                    let s = &sessions.settings;
+                    let bound = sessions.oauth.timeout();
+                    let grant = || grant(&sessions, &metrics, rc);
+                    let o = store.coordinate(&key, &sessions.sealer, bound, s.refresh_grace, grant).await;
+                    if !matches!(o, Outcome::Unavailable) {
+                        broker.remember(key, o.clone(), s.refresh_grace);
                     }
-                    let task = tokio::spawn(async move {
-                        let s = &sessions.settings;
-                        let bound = sessions.oauth.timeout();
-                        let grant = || grant(&sessions, &metrics, rc);
-                        let o = store.coordinate(&key, &sessions.sealer, bound, s.refresh_grace, grant).await;
-                        if !matches!(o, Outcome::Unavailable) {
-                            broker.remember(key, o.clone(), s.refresh_grace);
-                        }
-                        o
-                    });
-                    task.await.unwrap_or(Outcome::Unavailable)
-                }
-            })
-            .await
-            .clone();
-        self.inflight.remove_if(&key, |_, c| Arc::ptr_eq(c, &cell));
+                    // Grace first, then forget the flight: late arrivals find one or the other.
+                    broker.inflight.remove(&key);
+                    o
+                });
+                let shared = async move { task.await.unwrap_or(Outcome::Unavailable) }.boxed().shared();
+                v.insert(shared.clone());
+                (shared, true)
+            }
+        };
+        let bound = sessions.oauth.timeout() + Duration::from_secs(1);
+        let outcome = tokio::time::timeout(bound, call).await.unwrap_or(Outcome::Unavailable);
         if !led && !matches!(outcome, Outcome::Unavailable) {
             metrics.refresh("grace");
         }
