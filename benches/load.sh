@@ -12,15 +12,15 @@ DUR=${1:-10}
 ROUNDS=${2:-3}
 CONNS=${CONNS:-64}
 WORK=$(mktemp -d /tmp/portcullis-load.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; nginx -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; sleep 0.5' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; nginx -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; kill "$(cat "$WORK/haproxy.pid" 2>/dev/null)" "$(cat "$WORK/redis.pid" 2>/dev/null)" 2>/dev/null || true; sleep 0.5' EXIT
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need haproxy; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy >/dev/null
+if ! need wrk || ! need nginx || ! need haproxy || ! need redis-server; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy redis-server >/dev/null
 fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-UP=18081; NGX=18082; HAP=18083; PC=18084; PCN=18085; ADM=18086; ADMN=18087
+UP=18081; NGX=18082; HAP=18083; PC=18084; PCN=18085; ADM=18086; ADMN=18087; PCR=18088; ADMR=18089; REDIS=18090
 FIX=$PWD/tests/fixtures
 cargo build --release --quiet --bin portcullis --example mint
 BIN=target/release/portcullis
@@ -46,7 +46,6 @@ http {
 NGINX
 nginx -c "$WORK/nginx.conf"
 
-openssl req -x509 -key "$FIX/rsa1.pem" -out "$WORK/rsa1.crt" -subj /CN=jwt -days 30 2>/dev/null
 cat > "$WORK/haproxy.cfg" <<HAPROXY
 global
   nbthread 2
@@ -61,7 +60,7 @@ frontend fe
   http-request set-var(txn.bearer) http_auth_bearer
   http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('\$.alg')
   http-request deny unless { var(txn.alg) -m str RS256 }
-  http-request deny unless { var(txn.bearer),jwt_verify(txn.alg,"$WORK/rsa1.crt") -m int 1 }
+  http-request deny unless { var(txn.bearer),jwt_verify(txn.alg,"$FIX/rsa1.pub.pem") -m int 1 }
   default_backend be
 backend be
   http-reuse always
@@ -92,9 +91,12 @@ TOML
 }
 pc_config $PC $ADM 100000 > "$WORK/pc.toml"
 pc_config $PCN $ADMN 0 > "$WORK/pc-nocache.toml"
+{ pc_config $PCR $ADMR 100000; printf '[state]\nredis_url = "redis://127.0.0.1:%s/0"\n' $REDIS; } > "$WORK/pc-redis.toml"
+redis-server --port $REDIS --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
 PORTCULLIS_LOG=warn $BIN run --config "$WORK/pc.toml" 2>"$WORK/pc.log" & PC_PID=$!
 PORTCULLIS_LOG=warn $BIN run --config "$WORK/pc-nocache.toml" 2>"$WORK/pcn.log" & PCN_PID=$!
-for p in $ADM $ADMN; do
+PORTCULLIS_LOG=warn $BIN run --config "$WORK/pc-redis.toml" 2>"$WORK/pcr.log" &
+for p in $ADM $ADMN $ADMR; do
   for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$p/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 done
 sleep 1
@@ -136,6 +138,7 @@ for r in $(seq "$ROUNDS"); do
   run haproxy_jwt "http://127.0.0.1:$HAP/" -H "Authorization: Bearer $TOKEN"
   run portcullis "http://127.0.0.1:$PC/" -H "Authorization: Bearer $TOKEN"
   run portcullis_nocache "http://127.0.0.1:$PCN/" -H "Authorization: Bearer $TOKEN"
+  run portcullis_redis "http://127.0.0.1:$PCR/" -H "Authorization: Bearer $TOKEN"
   runmany "http://127.0.0.1:$PC/" portcullis_1000_tokens
   runmany "http://127.0.0.1:$PCN/" portcullis_nocache_1000_tokens
 done
@@ -186,7 +189,7 @@ for k, (rps, p50, p99, e) in med.items():
     print(f"{k:32} {rps:10.0f} {p50:9.0f} {p99:9.0f} {e:7d}")
 def ratio(a, b):
     if a in med and b in med and med[b][0] > 0: print(f"{a} / {b}: {med[a][0] / med[b][0]:.2f}x")
-ratio("portcullis", "nginx"); ratio("portcullis", "haproxy_jwt"); ratio("portcullis_nocache", "nginx"); ratio("portcullis_nocache", "haproxy_jwt")
+ratio("portcullis", "nginx"); ratio("portcullis", "haproxy_jwt"); ratio("portcullis_nocache", "nginx"); ratio("portcullis_nocache", "haproxy_jwt"); ratio("portcullis_redis", "portcullis")
 if "lat_direct" in med and "lat_portcullis" in med:
     print(f"added latency at p50 (1 connection): {med['lat_portcullis'][1] - med['lat_direct'][1]:.0f} µs")
 PY

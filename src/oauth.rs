@@ -157,23 +157,7 @@ impl OAuthClient {
         let req = req
             .body(Full::new(body))
             .map_err(|e| GrantError::Unavailable(format!("cannot build request: {e}")))?;
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| GrantError::Unavailable(format!("request failed: {e}")))?;
-            let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_TOKEN_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| GrantError::Unavailable(format!("reading the answer failed: {e}")))?
-                .to_bytes();
-            Ok((parts.status, parts.headers, body))
-        };
-        tokio::time::timeout(self.settings.timeout, exchange)
-            .await
-            .map_err(|_| GrantError::Unavailable(format!("no answer within {:?}", self.settings.timeout)))?
+        self.exchange(req).await
     }
 
     async fn token_request(&self, form: &[(&str, &str)]) -> Result<Tokens, GrantError> {
@@ -243,23 +227,33 @@ impl OAuthClient {
         let req = builder
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| GrantError::Unavailable(format!("cannot build request: {e}")))?;
+        let (status, _, body) = self.exchange(req).await?;
+        Ok((status, body))
+    }
+
+    /// Sends `req` and reads the whole (bounded) answer within the timeout.
+    async fn exchange(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), GrantError> {
+        let timeout = self.settings.timeout;
         let exchange = async {
             let resp = self
                 .client
                 .request(req)
                 .await
                 .map_err(|e| GrantError::Unavailable(format!("request failed: {e}")))?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_TOKEN_RESPONSE)
                 .collect()
                 .await
                 .map_err(|e| GrantError::Unavailable(format!("reading the answer failed: {e}")))?
                 .to_bytes();
-            Ok((status, body))
+            Ok((parts.status, parts.headers, body))
         };
-        tokio::time::timeout(s.timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| GrantError::Unavailable(format!("no answer within {:?}", s.timeout)))?
+            .map_err(|_| GrantError::Unavailable(format!("no answer within {timeout:?}")))?
     }
 }
 
