@@ -123,7 +123,8 @@ cat "$WORK/report.lua" >> "$WORK/many.lua"
 run() { # name, url, extra args...
   local name=$1 url=$2; shift 2
   local out
-  out=$(wrk -t2 -c"$CONNS" -d"${DUR}s" "$@" -s "$WORK/report.lua" "$url" 2>&1 | grep RESULT || true)
+  local threads=2; [ "$CONNS" -lt 2 ] && threads=1
+  out=$(wrk -t$threads -c"$CONNS" -d"${DUR}s" "$@" -s "$WORK/report.lua" "$url" 2>&1 | grep RESULT || true)
   echo "$name $out" >> "$WORK/results"
 }
 runmany() {

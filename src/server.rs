@@ -277,11 +277,13 @@ fn proxy_service(
     service_fn(move |req| {
         let shared = shared.clone();
         let conn = conn.clone();
-        async move {
+        // Boxed: hyper keeps room for one service future per connection, so an
+        // idle keep-alive connection should not carry the whole pipeline's state.
+        Box::pin(async move {
             // Each request keeps the configuration it started with, even across a reload.
             let snap = shared.current.load_full();
             Ok::<_, Infallible>(crate::proxy::handle(req, &conn, &snap, &shared).await)
-        }
+        })
     })
 }
 
