@@ -5,13 +5,14 @@ mod build;
 pub mod file;
 pub mod locate;
 pub mod secret;
+mod settings;
 pub mod units;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use build::*;
 pub use secret::{Env, ProcessEnv, Secret};
+pub use settings::*;
 
 use locate::{KeyPath, Locator};
 

@@ -1,0 +1,182 @@
+//! Runtime settings: what a validated configuration holds. Built only by
+//! `build.rs`; read by `state.rs` when it assembles a `Snapshot`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::Uri;
+use jsonwebtoken::Algorithm;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::CertificateDer;
+
+use super::secret::Secret;
+use crate::auth::keys::KeySet;
+
+/// A validated configuration: what `check` accepts and `run` serves.
+pub struct Config {
+    pub listen: Listen,
+    pub limits: Limits,
+    pub tls: Option<TlsSettings>,
+    pub issuers: Vec<IssuerSettings>,
+    pub auth_server: Option<AuthServerSettings>,
+    pub session: Option<SessionSettings>,
+    pub state: StateSettings,
+    pub routes: Vec<RouteSettings>,
+}
+
+impl Config {
+    /// A configuration with nothing in it, used only as a placeholder.
+    pub fn empty() -> Self {
+        Self {
+            listen: Listen::default(),
+            limits: Limits::default(),
+            tls: None,
+            issuers: Vec::new(),
+            auth_server: None,
+            session: None,
+            state: StateSettings::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Listen {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub drain_timeout: Duration,
+    pub token_cache_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 65_536,
+            drain_timeout: Duration::from_secs(30),
+            token_cache_entries: 100_000,
+        }
+    }
+}
+
+pub struct TlsSettings {
+    pub default: Arc<CertifiedKey>,
+    pub sni: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+}
+
+pub enum KeySource {
+    JwksUrl(Uri),
+    /// `jwks_uri` from the issuer's discovery document.
+    Discover(String),
+    Static(Arc<KeySet>),
+}
+
+pub struct IssuerSettings {
+    pub name: String,
+    pub issuer: String,
+    pub source: KeySource,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: Duration,
+    pub jwks_refresh: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    SecretBasic,
+    SecretPost,
+    None,
+}
+
+#[derive(Clone)]
+pub struct AuthServerSettings {
+    /// `None`: discovered from `issuer` with the other unset endpoints.
+    pub token_url: Option<Uri>,
+    pub revocation_url: Option<Uri>,
+    pub authorization_url: Option<Uri>,
+    pub login_url: Option<Uri>,
+    pub issuer: Option<String>,
+    pub client_id: String,
+    pub client_secret: Option<Secret<String>>,
+    pub client_auth: ClientAuth,
+    pub scope: Option<String>,
+    pub resource: Option<String>,
+    pub authorize_params: Vec<(String, String)>,
+    pub redirect_uri: Option<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+pub struct SessionSettings {
+    pub cookie_keys: Secret<Vec<[u8; 32]>>,
+    pub access_cookie: String,
+    pub refresh_cookie: String,
+    pub same_site: SameSite,
+    pub secure: bool,
+    pub refresh_ahead: Duration,
+    pub refresh_grace: Duration,
+    pub idle_timeout: Duration,
+    pub absolute_timeout: Duration,
+    pub login_path: String,
+    pub callback_path: String,
+    pub refresh_path: String,
+    pub logout_path: String,
+    /// Normalised `scheme://host[:port]`, lower-case.
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct StateSettings {
+    pub redis: Option<RedisSettings>,
+}
+
+pub struct RedisSettings {
+    pub url: String,
+    pub password: Option<Secret<String>>,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Required,
+    Optional,
+    None,
+}
+
+pub struct RouteSettings {
+    pub name: String,
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub upstreams: Vec<Uri>,
+    pub strip_prefix: bool,
+    pub ca: Vec<CertificateDer<'static>>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub max_request_body: Option<u64>,
+    pub auth: AuthMode,
+    pub issuer: Option<String>,
+    pub audiences: Vec<String>,
+    pub scopes: Vec<String>,
+    pub forward_token: bool,
+    pub identity_headers: Vec<(HeaderName, String)>,
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
