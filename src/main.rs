@@ -52,7 +52,8 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_logging(cli.log_format);
+    // Held until main returns, so every buffered log line is written before exit.
+    let _log_flush = init_logging(cli.log_format);
     match cli.command {
         Command::Keygen => match portcullis::keygen() {
             Some(k) => {
@@ -93,7 +94,10 @@ fn config_path(flag: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("portcullis.toml"))
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr through a writer thread: a request never waits on a write(2).
+/// Not lossy: if the writer falls behind, logging applies back-pressure rather
+/// than dropping access-log lines.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("PORTCULLIS_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
@@ -101,12 +105,13 @@ fn init_logging(format: LogFormat) {
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let (writer, guard) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
