@@ -185,6 +185,11 @@ impl Admitted {
         self.verified.as_ref().and_then(|v| v.claims.sub.as_deref())
     }
 
+    /// The verified claims, shared (for the access log).
+    pub fn claims(&self) -> Option<Arc<Claims>> {
+        self.verified.as_ref().map(|v| v.claims.clone())
+    }
+
     /// Writes identity headers and the bearer token for the upstream. Inbound
     /// identity headers were already stripped by `strip_inbound_identity`.
     pub fn apply(&self, headers: &mut HeaderMap, route: &RouteSettings) {

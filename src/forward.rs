@@ -131,11 +131,11 @@ pub async fn send(
     let upgrade = upgrade_protocol(req.headers());
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
-    let original_host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    // HeaderValue clones share their bytes: no allocation.
+    let original_host = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    };
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream_uri(target, route, &parts.uri);
     parts.version = Version::HTTP_11;
@@ -146,7 +146,7 @@ pub async fn send(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());
     }
-    set_forwarded(headers, conn, original_host.as_deref());
+    set_forwarded(headers, conn, original_host);
     admitted.apply(headers, route);
 
     let body: Body = match route.max_request_body {
@@ -252,7 +252,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
+fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, host: Option<HeaderValue>) {
     let xff = HeaderName::from_static("x-forwarded-for");
     let ip = conn.peer.ip().to_string();
     // Every earlier hop, however many header lines carried them.
@@ -271,7 +271,7 @@ fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
     let proto = if conn.tls { "https" } else { "http" };
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
     let xfh = HeaderName::from_static("x-forwarded-host");
-    match host.and_then(|h| HeaderValue::try_from(h).ok()) {
+    match host {
         Some(v) => {
             headers.insert(xfh, v);
         }

@@ -22,12 +22,24 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// What the access log line reports about one request.
 #[derive(Default)]
 struct Outcome {
-    route: Option<String>,
-    route_metrics: Option<std::sync::Arc<crate::metrics::RouteMetrics>>,
-    subject: Option<String>,
+    /// The matched route; `Arc` clones, so the access log costs no allocation.
+    route: Option<std::sync::Arc<crate::state::Route>>,
+    /// Set for the session endpoints, which are not routes.
+    endpoint: bool,
+    claims: Option<std::sync::Arc<crate::auth::Claims>>,
     upstream_time: Option<Duration>,
     error: Option<&'static str>,
     set_cookies: Vec<HeaderValue>,
+}
+
+impl Outcome {
+    fn route_name(&self) -> &str {
+        match &self.route {
+            Some(r) => &r.settings.name,
+            None if self.endpoint => "session",
+            None => "-",
+        }
+    }
 }
 
 pub async fn handle(
@@ -39,7 +51,7 @@ pub async fn handle(
     let started = Instant::now();
     let request_id = request_id(&mut req);
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let uri = req.uri().clone();
     let mut outcome = Outcome::default();
     let mut resp = match pipeline(req, conn, snap, shared, &mut outcome).await {
         Ok(resp) => resp,
@@ -48,7 +60,7 @@ pub async fn handle(
             if let ProxyError::Auth(a) = &e {
                 shared.metrics.rejection(a.code());
             }
-            log_error(&e, outcome.route.as_deref().unwrap_or("-"));
+            log_error(&e, outcome.route_name());
             e.into_response()
         }
     };
@@ -59,7 +71,7 @@ pub async fn handle(
         resp.headers_mut().append(http::header::SET_COOKIE, c);
     }
     let status = resp.status().as_u16();
-    match &outcome.route_metrics {
+    match outcome.route.as_ref().map(|r| &r.metrics) {
         Some(m) => {
             m.record_status(status);
             if let Some(t) = outcome.upstream_time {
@@ -72,12 +84,12 @@ pub async fn handle(
         target: "portcullis::access",
         request_id = request_id.to_str().unwrap_or(""),
         method = %method,
-        path = %path,
-        route = outcome.route.as_deref().unwrap_or("-"),
+        path = uri.path(),
+        route = outcome.route_name(),
         status = resp.status().as_u16(),
         duration_us = started.elapsed().as_micros() as u64,
         upstream_us = outcome.upstream_time.map(|d| d.as_micros() as u64),
-        subject = outcome.subject.as_deref(),
+        subject = outcome.claims.as_ref().and_then(|c| c.sub.as_deref()),
         error = outcome.error,
         "request"
     );
@@ -96,7 +108,7 @@ async fn pipeline(
     // 2. The session endpoints answer themselves.
     if let Some(sessions) = &snap.sessions {
         if let Some(ep) = endpoints::which(sessions, req.uri().path()) {
-            outcome.route = Some("session".to_owned());
+            outcome.endpoint = true;
             return Ok(endpoints::serve(ep, req, conn, sessions, shared, &mut outcome.set_cookies).await?);
         }
     }
@@ -104,13 +116,12 @@ async fn pipeline(
     let host =
         req.uri().host().or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
     let route = snap.routes.find(host, req.uri().path()).ok_or(ProxyError::NoRoute)?.clone();
-    outcome.route = Some(route.settings.name.clone());
-    outcome.route_metrics = Some(route.metrics.clone());
+    outcome.route = Some(route.clone());
     // 4. Decide identity per the route's policy (may refresh and set cookies).
     let admitted: Admitted =
         auth::authenticate(&req, conn, &route, snap.sessions.as_ref(), shared, &mut outcome.set_cookies)
             .await?;
-    outcome.subject = admitted.subject().map(str::to_owned);
+    outcome.claims = admitted.claims();
     // The proxy's cookies never reach an upstream.
     if let Some(sessions) = &snap.sessions {
         sessions.scrub_upstream_cookies(req.headers_mut());
