@@ -80,10 +80,18 @@ pub fn from_toml(text: &str, label: &str, base_dir: &Path, env: &dyn Env) -> Res
             return Err(ConfigErrors { file: label.to_owned(), problems: vec![parse_problem(&e, &locator)] })
         }
     };
-    let mut problems = Problems { locator: &locator, list: Vec::new() };
+    let mut problems = Problems { locator: &locator, list: Vec::new(), warnings: Vec::new() };
     let built = build::build(parsed, &mut problems, base_dir, env);
     if problems.list.is_empty() {
-        if let Some(config) = built {
+        if let Some(mut config) = built {
+            let mut warnings = problems.warnings;
+            warnings.sort_by_key(|p| p.line.unwrap_or(0));
+            let errors = ConfigErrors { file: label.to_owned(), problems: warnings };
+            config.warnings = if errors.problems.is_empty() {
+                Vec::new()
+            } else {
+                errors.to_string().lines().map(str::to_owned).collect()
+            };
             return Ok(config);
         }
     }
@@ -148,6 +156,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 pub struct Problems<'a> {
     locator: &'a Locator<'a>,
     list: Vec<ConfigProblem>,
+    warnings: Vec<ConfigProblem>,
 }
 
 impl Problems<'_> {
@@ -160,6 +169,15 @@ impl Problems<'_> {
     }
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// Something legal that an operator probably did not mean.
+    pub fn warn(&mut self, path: &KeyPath, message: impl Into<String>) {
+        self.warnings.push(ConfigProblem {
+            line: self.locator.line_of(path),
+            key_path: path.to_string(),
+            message: message.into(),
+        });
     }
 }
 

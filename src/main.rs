@@ -65,7 +65,10 @@ fn main() -> ExitCode {
         Command::Check { config } => {
             let path = config_path(config);
             match portcullis::config::load(&path) {
-                Ok(_) => {
+                Ok(config) => {
+                    for w in &config.warnings {
+                        eprintln!("warning: {w}");
+                    }
                     println!("{}: ok", path.display());
                     ExitCode::SUCCESS
                 }

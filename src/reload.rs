@@ -31,6 +31,9 @@ pub fn reload(shared: &Shared, path: &Path) -> Result<(), ReloadError> {
         {
             tracing::warn!("[listen] changed; listener addresses take effect only on restart");
         }
+        for w in &config.warnings {
+            tracing::warn!(problem = %w, "configuration warning");
+        }
         Ok(Snapshot::build(config, shared)?)
     });
     match result {

@@ -25,6 +25,9 @@ pub async fn run(path: PathBuf) -> ExitCode {
         eprintln!("cannot install signal handlers");
         return ExitCode::from(1);
     };
+    for w in &config.warnings {
+        tracing::warn!(problem = %w, "configuration warning");
+    }
     let server = match Server::bind(config).await {
         Ok(s) => s,
         Err(e) => {

@@ -213,3 +213,22 @@ fn a_config_without_listeners_is_refused() {
     let p = problems("[[routes]]\nname = \"a\"\nupstream = \"http://127.0.0.1:9\"\n", &[]);
     assert!(p.contains("listen"), "{p}");
 }
+
+#[test]
+fn a_route_that_checks_tokens_without_audiences_is_a_warning_not_an_error() {
+    let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rsa1.pub.pem");
+    let text = format!(
+        "[listen]\nhttp = \"127.0.0.1:0\"\n\n[[issuers]]\nname = \"main\"\nissuer = \"https://id.test\"\npublic_key_files = [\"{key}\"]\n\n[[routes]]\nname = \"api\"\nupstream = \"http://127.0.0.1:9\"\nissuer = \"main\"\n"
+    );
+    let (out, label) = check(&text);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("warning: {label}:12: routes[0].issuer: no `audiences`")),
+        "{}",
+        out.stderr
+    );
+    let with_audience = text.replace("issuer = \"main\"\n", "issuer = \"main\"\naudiences = [\"api\"]\n");
+    let (out, _) = check(&with_audience);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+}

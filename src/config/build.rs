@@ -146,7 +146,7 @@ pub(super) fn build(
     if !cx.p.is_empty() {
         return None;
     }
-    Some(Config { listen, limits, tls, issuers, auth_server, session, state, routes })
+    Some(Config { listen, limits, tls, issuers, auth_server, session, state, routes, warnings: Vec::new() })
 }
 
 fn build_listen(cx: &mut Ctx<'_, '_>, l: file::Listen, has_tls: bool) -> Listen {
@@ -641,6 +641,13 @@ fn build_route(
                 }
             }
         }
+    }
+    if auth != AuthMode::None && r.audiences.is_empty() {
+        // Any token of the issuer passes, whoever it was minted for (confused deputy).
+        cx.p.warn(
+            &path.key("issuer"),
+            "no `audiences`: tokens the issuer minted for any other API are accepted here; list this API's audience",
+        );
     }
     let connect_timeout =
         cx.duration(&path.key("connect_timeout"), &r.connect_timeout, DEFAULT_CONNECT_TIMEOUT);

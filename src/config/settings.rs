@@ -24,6 +24,8 @@ pub struct Config {
     pub session: Option<SessionSettings>,
     pub state: StateSettings,
     pub routes: Vec<RouteSettings>,
+    /// Legal but probably unintended settings, as `file:line: key: message` lines.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -38,6 +40,7 @@ impl Config {
             session: None,
             state: StateSettings::default(),
             routes: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 }
