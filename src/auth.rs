@@ -181,10 +181,6 @@ impl Admitted {
         Self { verified: Some(v) }
     }
 
-    pub fn subject(&self) -> Option<&str> {
-        self.verified.as_ref().and_then(|v| v.claims.sub.as_deref())
-    }
-
     /// The verified claims, shared (for the access log).
     pub fn claims(&self) -> Option<Arc<Claims>> {
         self.verified.as_ref().map(|v| v.claims.clone())

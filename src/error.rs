@@ -18,8 +18,6 @@ pub enum ProxyError {
     Forward(#[from] ForwardError),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    #[error("method not allowed")]
-    MethodNotAllowed,
 }
 
 impl From<EndpointError> for ProxyError {
@@ -27,7 +25,6 @@ impl From<EndpointError> for ProxyError {
         match e {
             EndpointError::Auth(a) => ProxyError::Auth(a),
             EndpointError::BadRequest(m) => ProxyError::BadRequest(m),
-            EndpointError::MethodNotAllowed => ProxyError::MethodNotAllowed,
         }
     }
 }
@@ -38,7 +35,6 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
-            ProxyError::MethodNotAllowed => "method_not_allowed",
             ProxyError::Auth(e) => e.code(),
             ProxyError::Forward(e) => match e {
                 ForwardError::Connect { .. } | ForwardError::Upstream { .. } => "bad_gateway",
@@ -55,9 +51,6 @@ impl ProxyError {
                 (StatusCode::NOT_FOUND, "no route matches this host and path".to_owned(), None)
             }
             ProxyError::BadRequest(m) => (StatusCode::BAD_REQUEST, (*m).to_owned(), None),
-            ProxyError::MethodNotAllowed => {
-                (StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not accept that method".to_owned(), None)
-            }
             ProxyError::Forward(e) => match e {
                 ForwardError::Connect { .. } => {
                     (StatusCode::BAD_GATEWAY, "the upstream refused the connection".to_owned(), None)
@@ -131,11 +124,6 @@ impl ProxyError {
     }
 }
 
-/// Answers for problems hyper's connection layer reports before a request exists.
-pub fn bad_request(description: &str) -> Response<Body> {
-    error_body(StatusCode::BAD_REQUEST, "bad_request", description)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,7 +145,6 @@ mod tests {
     #[test]
     fn bad_request_maps_to_400() {
         assert_eq!(status_of(ProxyError::BadRequest("x")).0, 400);
-        assert_eq!(status_of(ProxyError::MethodNotAllowed).0, 405);
     }
 
     #[test]

@@ -102,10 +102,6 @@ impl Metrics {
         self.jwks.entry((issuer.to_owned(), outcome)).or_default().fetch_add(1, Relaxed);
     }
 
-    pub fn jwks_count(&self, issuer: &str, outcome: &'static str) -> u64 {
-        self.jwks.get(&(issuer.to_owned(), outcome)).map_or(0, |c| c.load(Relaxed))
-    }
-
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);

@@ -143,7 +143,6 @@ fn log_error(e: &ProxyError, route: &str) {
         ProxyError::BadRequest(m) => {
             tracing::info!(route, reason = "bad_request", detail = m, "request rejected")
         }
-        ProxyError::MethodNotAllowed => tracing::debug!(route, "method not allowed"),
     }
 }
 

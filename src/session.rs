@@ -289,10 +289,15 @@ impl Sessions {
 
     /// Removes the proxy's own cookies from the `Cookie` header sent upstream; other cookies pass.
     pub fn scrub_upstream_cookies(&self, headers: &mut HeaderMap) {
-        if !headers.contains_key(header::COOKIE) {
+        let ours = [&self.settings.access_cookie, &self.settings.refresh_cookie, &self.login_cookie];
+        // Most requests carry none of our cookies: leave their header untouched, allocation-free.
+        let mentions_ours = headers.get_all(header::COOKIE).iter().any(|v| {
+            let b = v.as_bytes();
+            ours.iter().any(|o| b.windows(o.len()).any(|w| w == o.as_bytes()))
+        });
+        if !mentions_ours {
             return;
         }
-        let ours = [&self.settings.access_cookie, &self.settings.refresh_cookie, &self.login_cookie];
         let is_ours = |name: &str| {
             ours.iter().any(|o| {
                 name == o.as_str()

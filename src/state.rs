@@ -162,11 +162,6 @@ impl Snapshot {
             config,
         })
     }
-
-    /// Every issuer has keys (`/readyz`).
-    pub fn keys_ready(&self) -> bool {
-        self.issuers.values().all(|i| i.store.is_ready())
-    }
 }
 
 /// State shared by every listener and every configuration generation.

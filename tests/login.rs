@@ -352,3 +352,13 @@ async fn logout_also_ends_the_grace_of_the_rotated_token() {
     assert!(set_cookies(&r).iter().all(SetCookie::is_deletion), "{:?}", set_cookies(&r));
     refresh_now(&proxy, &old).await.assert_error(401, "session_expired");
 }
+
+#[tokio::test]
+async fn a_session_endpoint_called_with_the_wrong_method_is_a_bad_request() {
+    let (idp, _up, proxy) = setup(&Opts::default()).await;
+    for path in ["/auth/refresh", "/auth/logout", "/auth/callback"] {
+        let r = support::request("PUT", proxy.url(path)).header("origin", own_origin(&proxy)).send().await;
+        r.assert_error(400, "bad_request");
+    }
+    assert_eq!(token_calls(&idp), 0);
+}

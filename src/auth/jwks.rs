@@ -114,10 +114,6 @@ impl KeyStore {
         &self.name
     }
 
-    pub fn url(&self) -> Option<Arc<Uri>> {
-        self.url.load_full()
-    }
-
     /// The current keys, or `None` before the first successful fetch.
     pub fn keys(&self) -> Option<Arc<KeySet>> {
         self.keys.load_full()

@@ -26,8 +26,6 @@ pub enum EndpointError {
     Auth(#[from] AuthError),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    #[error("method not allowed")]
-    MethodNotAllowed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +73,8 @@ pub async fn serve(
         Endpoint::Callback if get && sessions.oauth.authorization_url().is_some() => {
             callback(req, sessions, cookies).await
         }
-        _ => Err(EndpointError::MethodNotAllowed),
+        // SPEC §4 allows only its own error codes: a wrong method is a bad request.
+        _ => Err(EndpointError::BadRequest("this session endpoint does not accept that method")),
     }
 }
 
@@ -167,7 +166,9 @@ async fn login_passthrough(
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
     gate(&req, conn, s)?;
-    let Some(url) = s.auth_server.login_url.clone() else { return Err(EndpointError::MethodNotAllowed) };
+    let Some(url) = s.auth_server.login_url.clone() else {
+        return Err(EndpointError::BadRequest("login passthrough is not configured"));
+    };
     let jar = s.cookies(req.headers());
     let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
     let body = Limited::new(req.into_body(), MAX_LOGIN_BODY)
@@ -245,7 +246,9 @@ fn login_redirect(
     s: &Arc<Sessions>,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
-    let Some(authz) = s.oauth.authorization_url() else { return Err(EndpointError::MethodNotAllowed) };
+    let Some(authz) = s.oauth.authorization_url() else {
+        return Err(EndpointError::BadRequest("code login is not configured"));
+    };
     let fail = || EndpointError::Auth(AuthError::AuthServerDown);
     let state = s.sealer.random_token().ok_or_else(fail)?;
     let verifier = s.sealer.random_token().ok_or_else(fail)?;
