@@ -101,6 +101,13 @@ impl RefreshBroker {
         let (call, led) = match self.inflight.entry(key) {
             Entry::Occupied(e) => (e.get().clone(), false),
             Entry::Vacant(v) => {
+                // A flight that just ended records its outcome before it leaves the
+                // map, so a vacant entry after a grace miss may still have one.
+                if let Some(o) = self.grace_get(&key) {
+                    drop(v);
+                    metrics.refresh("grace");
+                    return o;
+                }
                 // The call is spawned once, here, and shared: no waiter's
                 // cancellation can stop it or start a second one.
                 let broker = self.clone();
