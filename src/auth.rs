@@ -64,6 +64,8 @@ pub enum InvalidReason {
     IssuedInFuture,
     WrongAudience,
     Revoked,
+    WrongType,
+    UnsupportedCritical,
 }
 
 impl InvalidReason {
@@ -81,24 +83,8 @@ impl InvalidReason {
             InvalidReason::IssuedInFuture => "the token was issued in the future",
             InvalidReason::WrongAudience => "the token is not meant for this API",
             InvalidReason::Revoked => "the token has been revoked",
-        }
-    }
-
-    /// Short label for logs and metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            InvalidReason::Malformed => "malformed",
-            InvalidReason::TooLarge => "too_large",
-            InvalidReason::AlgorithmNotAllowed => "algorithm",
-            InvalidReason::UnknownKey => "unknown_key",
-            InvalidReason::BadSignature => "signature",
-            InvalidReason::WrongIssuer => "issuer",
-            InvalidReason::NoExpiry => "no_exp",
-            InvalidReason::Expired => "expired",
-            InvalidReason::NotYetValid => "nbf",
-            InvalidReason::IssuedInFuture => "iat",
-            InvalidReason::WrongAudience => "audience",
-            InvalidReason::Revoked => "revoked",
+            InvalidReason::WrongType => "the token is not an access token",
+            InvalidReason::UnsupportedCritical => "the token requires an unsupported header extension",
         }
     }
 }
@@ -215,15 +201,29 @@ impl Admitted {
     }
 }
 
-/// Removes every configured identity header and every `X-Auth-*` header a client sent.
+/// Names the proxy writes itself besides the identity headers: a client copy
+/// spelled with `_` would reach CGI-style stacks as the same variable.
+const PROXY_SET: [&str; 4] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"];
+
+/// `a` equals `b` with `_` read as `-` (header names are already lower-case).
+fn eq_folded(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y || (*x == b'_' && *y == b'-'))
+}
+
+/// Whether a client header is one the proxy alone may set: a configured identity
+/// header or any `X-Auth-*`, comparing names with `_` read as `-`.
+fn is_identity_name(name: &[u8], configured: &[HeaderName]) -> bool {
+    const PREFIX: &[u8] = b"x-auth-";
+    (name.len() >= PREFIX.len() && eq_folded(&name[..PREFIX.len()], PREFIX))
+        || configured.iter().any(|c| eq_folded(name, c.as_str().as_bytes()))
+        || (name.contains(&b'_') && PROXY_SET.iter().any(|p| eq_folded(name, p.as_bytes())))
+}
+
+/// Removes every configured identity header and every `X-Auth-*` header a client
+/// sent, also when spelled with underscores (`X_Auth_Subject`).
 pub fn strip_inbound_identity(headers: &mut HeaderMap, configured: &[HeaderName]) {
-    for name in configured {
-        if headers.remove(name).is_some() {
-            tracing::debug!(header = %name, "dropped a client-supplied identity header");
-        }
-    }
     let spoofed: Vec<HeaderName> =
-        headers.keys().filter(|k| k.as_str().starts_with("x-auth-")).cloned().collect();
+        headers.keys().filter(|k| is_identity_name(k.as_str().as_bytes(), configured)).cloned().collect();
     for name in spoofed {
         headers.remove(&name);
         tracing::debug!(header = %name, "dropped a client-supplied identity header");
@@ -273,6 +273,7 @@ pub fn bearer(headers: &HeaderMap) -> Bearer<'_> {
 pub async fn authenticate(
     req: &http::Request<hyper::body::Incoming>,
     conn: &crate::state::Conn,
+    target: &crate::target::Target,
     route: &Route,
     sessions: Option<&Arc<crate::session::Sessions>>,
     shared: &Shared,
@@ -288,7 +289,9 @@ pub async fn authenticate(
         Bearer::Token(t) => t,
         Bearer::Empty => return Err(AuthError::Invalid(InvalidReason::Malformed)),
         Bearer::Absent => match sessions {
-            Some(sessions) => return from_cookies(req, conn, route, sessions, shared, set_cookies).await,
+            Some(sessions) => {
+                return from_cookies(req, conn, target, route, sessions, shared, set_cookies).await
+            }
             None => return none(),
         },
     };
@@ -300,6 +303,7 @@ pub async fn authenticate(
 async fn from_cookies(
     req: &http::Request<hyper::body::Incoming>,
     conn: &crate::state::Conn,
+    target: &crate::target::Target,
     route: &Route,
     sessions: &Arc<crate::session::Sessions>,
     shared: &Shared,
@@ -317,7 +321,8 @@ async fn from_cookies(
             Err(AuthError::Missing)
         };
     }
-    crate::session::csrf::check(req.method(), req.headers(), conn.tls, &sessions.settings.allowed_origins)
+    let own = crate::session::csrf::Own { tls: conn.tls, authority: target.authority_str() };
+    crate::session::csrf::check(req.method(), req.headers(), own, &sessions.settings.allowed_origins)
         .map_err(|_| AuthError::Csrf)?;
     let Some(issuer) = &route.issuer else { return Err(AuthError::Missing) };
     let now = unix_now();
@@ -390,7 +395,7 @@ pub async fn verify_cached(token: &str, issuer: &Issuer, shared: &Shared) -> Res
     let mut keys = store.keys().ok_or_else(unavailable)?;
     let mut result = jwt::verify(token, &issuer.policy, &keys, now);
     if matches!(result, Err(jwt::Rejected::UnknownKid)) {
-        let kid = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid).unwrap_or_default();
+        let kid = jwt::header(token).ok().and_then(|h| h.kid).unwrap_or_default();
         if store.refetch_for(&kid).await {
             generation = store.generation();
             keys = store.keys().ok_or_else(unavailable)?;
@@ -411,6 +416,30 @@ pub async fn verify_cached(token: &str, issuer: &Issuer, shared: &Shared) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_headers_are_stripped_whatever_the_spelling() {
+        let configured = [HeaderName::from_static("x-user-email")];
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-auth-subject", "a"),
+            ("x_auth_subject", "b"),
+            ("x-auth_role", "c"),
+            ("x_user_email", "d"),
+            ("x-user-email", "e"),
+            ("x_forwarded_host", "f"),
+            ("x_request_id", "g"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-user", "kept"),
+            ("x_user_emails", "kept"),
+        ] {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_static(v));
+        }
+        strip_inbound_identity(&mut h, &configured);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["x-forwarded-for", "x-user", "x_user_emails"]);
+    }
 
     #[test]
     fn bearer_parsing() {

@@ -190,3 +190,54 @@ pub fn resolve(base: &Path, p: &str) -> PathBuf {
         base.join(p)
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    const VALID: &str = r#"
+[listen]
+http = "127.0.0.1:0"
+[limits]
+header_read_timeout = "5s"
+[[issuers]]
+name = "main"
+issuer = "https://id.example.com"
+jwks_url = "https://id.example.com/jwks.json"
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "http://127.0.0.1:9001"
+issuer = "main"
+audiences = ["api"]
+"#;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_text_is_accepted_or_refused_without_panic(text in "(?s).{0,200}") {
+            let _ = from_toml(&text, "t.toml", Path::new("."), &HashMap::new());
+        }
+
+        /// A valid file cut short or with a byte replaced: an answer, never a panic,
+        /// and every problem names a line inside the file.
+        #[test]
+        fn damaged_files_get_located_problems(cut in 0usize..400, at in 0usize..400, b in 0x20u8..0x7f) {
+            let mut bytes = VALID.as_bytes()[..cut.min(VALID.len())].to_vec();
+            if !bytes.is_empty() {
+                let i = at % bytes.len();
+                bytes[i] = b;
+            }
+            let text = String::from_utf8(bytes).unwrap();
+            if let Err(e) = from_toml(&text, "t.toml", Path::new("."), &HashMap::new()) {
+                let lines = text.lines().count().max(1);
+                for p in &e.problems {
+                    prop_assert!(p.line.is_none_or(|l| l >= 1 && l <= lines + 1), "{:?} of {}", p, lines);
+                }
+            }
+        }
+    }
+}

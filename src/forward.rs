@@ -2,6 +2,7 @@
 //! (hop-by-hop removal, `X-Forwarded-*`, identity headers, strip_prefix), streamed
 //! bodies, `Upgrade` tunnels, and classification of failures into 502 / 504.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use crate::body::{Body, BoxError};
 use crate::config::RouteSettings;
 use crate::route::strip_path;
 use crate::state::Conn;
+use crate::target::Target as RequestTarget;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -47,7 +49,7 @@ pub enum ForwardError {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-struct Target {
+struct Backend {
     scheme: Scheme,
     authority: Authority,
     /// Path of the upstream URL without its trailing `/`, prepended to forwarded paths.
@@ -57,7 +59,7 @@ struct Target {
 /// One route's upstreams (round-robin) and the pooled client that reaches them.
 pub struct Upstream {
     client: HttpClient,
-    targets: Vec<Target>,
+    targets: Vec<Backend>,
     next: AtomicUsize,
 }
 
@@ -83,7 +85,7 @@ impl Upstream {
             .upstreams
             .iter()
             .filter_map(|u| {
-                Some(Target {
+                Some(Backend {
                     scheme: u.scheme()?.clone(),
                     authority: u.authority()?.clone(),
                     base: u.path().trim_end_matches('/').to_owned(),
@@ -93,7 +95,7 @@ impl Upstream {
         Ok(Self { client, targets, next: AtomicUsize::new(0) })
     }
 
-    fn pick(&self) -> &Target {
+    fn pick(&self) -> &Backend {
         let n = self.targets.len().max(1);
         &self.targets[self.next.fetch_add(1, Ordering::Relaxed) % n]
     }
@@ -108,6 +110,7 @@ pub struct Sent {
 /// Forwards `req` to the route's upstream on behalf of an admitted caller.
 pub async fn send(
     mut req: Request<Incoming>,
+    request_target: &RequestTarget,
     route: &RouteSettings,
     upstream: &Upstream,
     conn: &Conn,
@@ -131,13 +134,8 @@ pub async fn send(
     let upgrade = upgrade_protocol(req.headers());
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
-    // HeaderValue clones share their bytes: no allocation.
-    let original_host = match req.uri().authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => req.headers().get(header::HOST).cloned(),
-    };
     let (mut parts, body) = req.into_parts();
-    parts.uri = upstream_uri(target, route, &parts.uri);
+    parts.uri = upstream_uri(target, route, request_target);
     parts.version = Version::HTTP_11;
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
@@ -146,7 +144,9 @@ pub async fn send(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());
     }
-    set_forwarded(headers, conn, original_host);
+    // HeaderValue clones share their bytes: no allocation.
+    set_forwarded(headers, conn, request_target.authority().cloned());
+    join_cookies(headers);
     admitted.apply(headers, route);
 
     let body: Body = match route.max_request_body {
@@ -190,14 +190,16 @@ pub async fn send(
     Ok(Sent { response, upstream_time })
 }
 
-fn upstream_uri(target: &Target, route: &RouteSettings, uri: &Uri) -> Uri {
-    let path = uri.path();
+/// The upstream's URL: its own base path, then the normalised path (after
+/// `strip_prefix`), then the query as the client sent it.
+fn upstream_uri(target: &Backend, route: &RouteSettings, request: &RequestTarget) -> Uri {
+    let path = request.path();
     let path = if route.strip_prefix { strip_path(&route.path_prefix, path) } else { path };
-    let mut pq =
-        String::with_capacity(target.base.len() + path.len() + uri.query().map_or(0, |q| q.len() + 1));
+    let query = request.query();
+    let mut pq = String::with_capacity(target.base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
     pq.push_str(&target.base);
     pq.push_str(if path.is_empty() { "/" } else { path });
-    if let Some(q) = uri.query() {
+    if let Some(q) = query {
         pq.push('?');
         pq.push_str(q);
     }
@@ -208,23 +210,33 @@ fn upstream_uri(target: &Target, route: &RouteSettings, uri: &Uri) -> Uri {
     Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
-/// The `Upgrade` protocol of an HTTP/1.1 upgrade request, if it is one.
-fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+/// The `Upgrade` protocol of an HTTP/1.1 upgrade request, if it is one. An
+/// `h2c` upgrade is never one: an upstream accepting it would hand the client a
+/// raw HTTP/2 connection past routing and authentication.
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if asks {
-        headers.get(header::UPGRADE).cloned()
-    } else {
+    if !asks {
+        return None;
+    }
+    let value = headers.get(header::UPGRADE)?;
+    let h2c = value.to_str().map_or(true, |v| {
+        v.split(',').any(|p| p.trim().split('/').next().unwrap_or("").eq_ignore_ascii_case("h2c"))
+    });
+    if h2c {
         None
+    } else {
+        Some(value.clone())
     }
 }
 
-static HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
+    HeaderName::from_static("http2-settings"),
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
@@ -252,6 +264,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// RFC 9113 §8.2.3: an HTTP/2 client may split `cookie` into several fields; an
+/// HTTP/1.1 upstream must see one `Cookie` header.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(header::COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// `X-Forwarded-For` (appended), `-Proto`, `-Host`, and RFC 7239 `Forwarded`,
+/// which replaces whatever the client sent.
 fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, host: Option<HeaderValue>) {
     let xff = HeaderName::from_static("x-forwarded-for");
     let ip = conn.peer.ip().to_string();
@@ -270,6 +297,29 @@ fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, host: Option<HeaderValue>
     }
     let proto = if conn.tls { "https" } else { "http" };
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
+    let mut forwarded = String::with_capacity(64);
+    match conn.peer.ip() {
+        std::net::IpAddr::V4(ip) => {
+            let _ = write!(forwarded, "for={ip}");
+        }
+        std::net::IpAddr::V6(ip) => {
+            let _ = write!(forwarded, "for=\"[{ip}]\"");
+        }
+    }
+    forwarded.push_str(";proto=");
+    forwarded.push_str(proto);
+    if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
+        // A port's colon is not a token character: quote it.
+        if h.contains(':') {
+            let _ = write!(forwarded, ";host=\"{h}\"");
+        } else {
+            let _ = write!(forwarded, ";host={h}");
+        }
+    }
+    match HeaderValue::try_from(forwarded) {
+        Ok(v) => headers.insert(header::FORWARDED, v),
+        Err(_) => headers.remove(header::FORWARDED),
+    };
     let xfh = HeaderName::from_static("x-forwarded-host");
     match host {
         Some(v) => {

@@ -28,6 +28,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod store;
+pub mod target;
 
 pub use server::{Addrs, Server};
 pub mod run;

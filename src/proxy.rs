@@ -16,6 +16,7 @@ use crate::error::ProxyError;
 use crate::forward;
 use crate::session::endpoints;
 use crate::state::{Conn, Shared, Snapshot};
+use crate::target::Target;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -103,31 +104,32 @@ async fn pipeline(
     shared: &Shared,
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, ProxyError> {
+    // 0. The path and host, read once for routing and forwarding alike.
+    let target = Target::read(&req).map_err(|e| ProxyError::BadRequest(e.description()))?;
     // 1. Identity headers are the proxy's alone, on every route.
     auth::strip_inbound_identity(req.headers_mut(), &snap.identity_names);
     // 2. The session endpoints answer themselves.
     if let Some(sessions) = &snap.sessions {
-        if let Some(ep) = endpoints::which(sessions, req.uri().path()) {
+        if let Some(ep) = endpoints::which(sessions, target.path()) {
             outcome.endpoint = true;
-            return Ok(endpoints::serve(ep, req, conn, sessions, shared, &mut outcome.set_cookies).await?);
+            let set_cookies = &mut outcome.set_cookies;
+            return Ok(endpoints::serve(ep, req, conn, &target, sessions, shared, set_cookies).await?);
         }
     }
     // 3. Route by host and path.
-    let host =
-        req.uri().host().or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
-    let route = snap.routes.find(host, req.uri().path()).ok_or(ProxyError::NoRoute)?.clone();
+    let route = snap.routes.find(target.authority_str(), target.path()).ok_or(ProxyError::NoRoute)?.clone();
     outcome.route = Some(route.clone());
     // 4. Decide identity per the route's policy (may refresh and set cookies).
+    let sessions = snap.sessions.as_ref();
     let admitted: Admitted =
-        auth::authenticate(&req, conn, &route, snap.sessions.as_ref(), shared, &mut outcome.set_cookies)
-            .await?;
+        auth::authenticate(&req, conn, &target, &route, sessions, shared, &mut outcome.set_cookies).await?;
     outcome.claims = admitted.claims();
     // The proxy's cookies never reach an upstream.
     if let Some(sessions) = &snap.sessions {
         sessions.scrub_upstream_cookies(req.headers_mut());
     }
     // 5. Forward.
-    let sent = forward::send(req, &route.settings, &route.upstream, conn, &admitted).await?;
+    let sent = forward::send(req, &target, &route.settings, &route.upstream, conn, &admitted).await?;
     outcome.upstream_time = Some(sent.upstream_time);
     Ok(sent.response)
 }

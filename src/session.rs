@@ -443,3 +443,45 @@ mod tests {
         assert!(only.get(header::COOKIE).is_none());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn opening_anything_but_a_sealed_value_fails_without_panic(v in "[A-Za-z0-9_=.-]{0,300}") {
+            let sealer = Sealer::new(&[[9; 32]]);
+            prop_assert!(sealer.open("ctx", &v).is_none());
+        }
+
+        #[test]
+        fn tampering_with_one_byte_is_detected(plain in proptest::collection::vec(any::<u8>(), 0..64), at in any::<usize>(), bit in 0u8..8) {
+            let sealer = Sealer::new(&[[9; 32]]);
+            let sealed = sealer.seal("ctx", &plain).unwrap();
+            prop_assert_eq!(sealer.open("ctx", &sealed), Some(plain));
+            let mut raw = B64.decode(&sealed).unwrap();
+            let i = at % raw.len();
+            raw[i] ^= 1 << bit;
+            prop_assert!(sealer.open("ctx", &B64.encode(raw)).is_none());
+        }
+
+        /// Any Cookie header: parsing and joining chunks never panic, and a joined
+        /// value never exceeds what its chunks held.
+        #[test]
+        fn chunk_joining_never_panics(header in "((__Host-access|__Host-access\\.[0-9]{1,2}|x|__Host-refresh\\.[0-9])=[A-Za-z0-9]{0,20}; ?){0,12}") {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::try_from(header.as_str()) {
+                h.insert(header::COOKIE, v);
+            }
+            let jar = RequestCookies::parse(&h, &["__Host-access", "__Host-refresh"]);
+            if let Some(joined) = jar.get("__Host-access") {
+                prop_assert!(joined.len() <= header.len());
+            }
+            let _ = jar.get("__Host-refresh");
+        }
+    }
+}

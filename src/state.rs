@@ -23,10 +23,37 @@ use crate::session::Sessions;
 use crate::store::Store;
 
 /// Facts about the downstream connection a request arrived on.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Conn {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// When the last request started, in ms since `opened` (for the HTTP/2 idle timeout).
+    last_request_ms: std::sync::atomic::AtomicU64,
+    opened: tokio::time::Instant,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        Self { peer, tls, last_request_ms: Default::default(), opened: tokio::time::Instant::now() }
+    }
+
+    /// Records that a request started now.
+    pub fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_request_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Resolves once no request has started for `idle`.
+    pub async fn idle_for(&self, idle: std::time::Duration) {
+        loop {
+            let last = self.last_request_ms.load(std::sync::atomic::Ordering::Relaxed);
+            let until = self.opened + std::time::Duration::from_millis(last) + idle;
+            if tokio::time::Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep_until(until).await;
+        }
+    }
 }
 
 pub struct Route {

@@ -2,9 +2,11 @@
 //! `hmac_secret_env`) never change. A `jwks_url` is fetched at start and then in
 //! the background (every `jwks_refresh`, or the response's `Cache-Control:
 //! max-age`); a failed fetch keeps the last good keys and is retried with
-//! backoff (1 s, 2 s, 4 s … capped). An unknown `kid` triggers one refetch, but
-//! never more than one per `refetch_spacing`, so a flood of random `kid`s
-//! costs the issuer at most one request per spacing. The key set is replaced
+//! backoff (1 s, 2 s, 4 s … capped). An unknown `kid` triggers one refetch,
+//! single-flight, and never more than one per `refetch_spacing` (a few seconds),
+//! so a flood of random `kid`s costs the issuer at most one request per spacing.
+//! Only unknown-`kid` refetches count against the spacing: a key rotated in just
+//! after the start fetch (or a background refresh) is picked up at once. The key set is replaced
 //! whole, and its generation bumped only when the document changed, which
 //! invalidates verified-token cache entries made with removed keys.
 
@@ -40,8 +42,10 @@ pub struct KeyStore {
     keys: ArcSwapOption<KeySet>,
     generation: AtomicU64,
     fingerprint: AtomicU64,
-    /// Time of the last fetch attempt; held while fetching so fetches never overlap.
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Held while fetching, so fetches never overlap (and refetches are single-flight).
+    fetching: tokio::sync::Mutex<()>,
+    /// Time of the last unknown-`kid` refetch.
+    last_refetch: std::sync::Mutex<Option<Instant>>,
     refresh: Duration,
     refetch_spacing: Duration,
     client: Option<FetchClient>,
@@ -77,7 +81,8 @@ impl KeyStore {
             keys: ArcSwapOption::from(Some(keys)),
             generation: AtomicU64::new(1),
             fingerprint: AtomicU64::new(0),
-            last_fetch: tokio::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+            last_refetch: std::sync::Mutex::new(None),
             refresh: Duration::MAX,
             refetch_spacing: Duration::MAX,
             client: None,
@@ -100,9 +105,10 @@ impl KeyStore {
             keys: ArcSwapOption::empty(),
             generation: AtomicU64::new(0),
             fingerprint: AtomicU64::new(0),
-            last_fetch: tokio::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+            last_refetch: std::sync::Mutex::new(None),
             refresh,
-            refetch_spacing: (refresh / 10).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            refetch_spacing: (refresh / 10).clamp(Duration::from_secs(1), Duration::from_secs(5)),
             client,
             metrics,
         });
@@ -133,14 +139,18 @@ impl KeyStore {
         if self.source.is_none() {
             return false;
         }
-        let mut last = self.last_fetch.lock().await;
+        let _fetching = self.fetching.lock().await;
+        // A flight that ended while this caller waited may have brought the key.
         if self.keys().is_some_and(|k| k.has_kid(kid)) {
             return true;
         }
-        if last.is_some_and(|t| t.elapsed() < self.refetch_spacing) {
-            return false;
+        {
+            let mut last = self.last_refetch.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < self.refetch_spacing) {
+                return false;
+            }
+            *last = Some(Instant::now());
         }
-        *last = Some(Instant::now());
         if let Err(e) = self.fetch().await {
             tracing::warn!(issuer = %self.name, error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "JWKS refetch failed; keeping the last good keys");
         }
@@ -149,8 +159,7 @@ impl KeyStore {
 
     /// Fetches once (serialised with other fetches); returns the `max-age` if the server gave one.
     async fn fetch_serialised(&self) -> Result<Option<Duration>, FetchError> {
-        let mut last = self.last_fetch.lock().await;
-        *last = Some(Instant::now());
+        let _fetching = self.fetching.lock().await;
         self.fetch().await
     }
 

@@ -1,6 +1,7 @@
-//! Token verification: size limit, `alg` allow-list bound to the key type,
-//! signature, then `iss`, `exp`, `nbf`, `iat` with leeway. `jku`, `x5u` and
-//! embedded `jwk` headers are never read. Route policy (audience, scopes) is
+//! Token verification: size limit, the header (`alg` allow-list bound to the key
+//! type, `typ` an access token's, no `crit` extension), signature, then `iss`,
+//! `exp`, `nbf`, `iat` with leeway. `jku`, `x5u` and embedded `jwk` headers are
+//! never read. Route policy (audience, scopes) is
 //! checked separately because it differs per route while this result is cached.
 
 use std::collections::HashMap;
@@ -55,13 +56,45 @@ impl Policy {
     }
 }
 
+/// The JOSE header members the proxy reads; every other member is ignored,
+/// except that `jku`, `x5u` and `jwk` are never followed.
+#[derive(serde::Deserialize)]
+pub struct Header {
+    pub alg: Algorithm,
+    pub kid: Option<String>,
+    typ: Option<String>,
+    crit: Option<Value>,
+}
+
+/// Parses the header and applies the checks that need no key: `typ` must be an
+/// access token's (RFC 9068 §4, or plain JWT), and no `crit` extension is
+/// understood, so any is refused (RFC 7515 §4.1.11).
+pub fn header(token: &str) -> Result<Header, InvalidReason> {
+    let head = token.split('.').next().unwrap_or("");
+    let parsed: Option<Header> = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let Some(h) = parsed else { return Err(header_failure(token)) };
+    if h.crit.is_some() {
+        return Err(InvalidReason::UnsupportedCritical);
+    }
+    if let Some(typ) = &h.typ {
+        let t = typ.strip_prefix("application/").unwrap_or(typ);
+        if !t.eq_ignore_ascii_case("jwt") && !t.eq_ignore_ascii_case("at+jwt") {
+            return Err(InvalidReason::WrongType);
+        }
+    }
+    Ok(h)
+}
+
 /// Verifies `token` against `keys` and the issuer policy at time `now` (Unix seconds).
 pub fn verify(token: &str, policy: &Policy, keys: &KeySet, now: i64) -> Result<Claims, Rejected> {
     use Rejected::Invalid;
     if token.len() > MAX_TOKEN_BYTES {
         return Err(Invalid(InvalidReason::TooLarge));
     }
-    let header = jsonwebtoken::decode_header(token).map_err(|_| Invalid(header_failure(token)))?;
+    let header = header(token).map_err(Invalid)?;
     let alg = header.alg;
     let validation = match policy.validations.get(&alg) {
         Some(v) if policy.algorithms.contains(&alg) => v,
@@ -114,6 +147,16 @@ fn header_failure(token: &str) -> InvalidReason {
     }
 }
 
+/// `sub` / `jti` as text, whether the token carries a string or a number, so a
+/// revocation of `"123"` also denies `"sub": 123`.
+pub fn id_claim(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 fn time_claim(all: &Map<String, Value>, name: &str) -> Result<Option<i64>, InvalidReason> {
     match all.get(name) {
         None => Ok(None),
@@ -153,15 +196,7 @@ fn check_claims(all: Map<String, Value>, policy: &Policy, now: i64) -> Result<Cl
     } else if let Some(Value::String(s)) = all.get("scp") {
         scopes.extend(s.split_ascii_whitespace().map(str::to_owned));
     }
-    Ok(Claims {
-        sub: all.get("sub").and_then(Value::as_str).map(str::to_owned),
-        jti: all.get("jti").and_then(Value::as_str).map(str::to_owned),
-        exp,
-        iat,
-        aud,
-        scopes,
-        all,
-    })
+    Ok(Claims { sub: id_claim(all.get("sub")), jti: id_claim(all.get("jti")), exp, iat, aud, scopes, all })
 }
 
 /// Route policy: one of the route's audiences, all of its scopes.
@@ -252,6 +287,48 @@ mod tests {
         assert_eq!(single.aud, vec!["a".to_string()]);
     }
 
+    fn mint_with(header: Value, claims: Value) -> String {
+        use jsonwebtoken::crypto::sign;
+        let b = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let input = format!("{}.{}", b(&header), b(&claims));
+        let sig = sign(input.as_bytes(), &EncodingKey::from_secret(SECRET), Algorithm::HS256).unwrap();
+        format!("{input}.{sig}")
+    }
+
+    #[test]
+    fn header_typ_and_crit() {
+        let keys = keys::hmac(SECRET);
+        let p = policy();
+        let claims = json!({"iss": "https://id.test", "exp": NOW + 60, "sub": 123, "jti": 7});
+        for typ in [None, Some("JWT"), Some("jwt"), Some("at+jwt"), Some("application/at+jwt")] {
+            let mut h = json!({"alg": "HS256"});
+            if let Some(t) = typ {
+                h["typ"] = json!(t);
+            }
+            let c = verify(&mint_with(h, claims.clone()), &p, &keys, NOW).unwrap();
+            assert_eq!(
+                (c.sub.as_deref(), c.jti.as_deref()),
+                (Some("123"), Some("7")),
+                "numbers read as text"
+            );
+        }
+        for typ in ["logout+jwt", "secevent+jwt", "id_token+jwt", "JOSE"] {
+            let t = mint_with(json!({"alg": "HS256", "typ": typ}), claims.clone());
+            assert_eq!(
+                verify(&t, &p, &keys, NOW).err(),
+                Some(Rejected::Invalid(InvalidReason::WrongType)),
+                "{typ}"
+            );
+        }
+        for crit in [json!(["exp-ext"]), json!([]), json!("b64")] {
+            let t = mint_with(json!({"alg": "HS256", "crit": crit, "exp-ext": 1}), claims.clone());
+            assert_eq!(
+                verify(&t, &p, &keys, NOW).err(),
+                Some(Rejected::Invalid(InvalidReason::UnsupportedCritical))
+            );
+        }
+    }
+
     #[test]
     fn unsigned_and_garbage_tokens() {
         let keys = keys::hmac(SECRET);
@@ -285,5 +362,50 @@ mod tests {
         );
         let stripped = format!("{head}.{other}.");
         assert!(verify(&stripped, &p, &keys, NOW).is_err());
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::auth::keys;
+    use proptest::prelude::*;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_token_text_is_refused_without_panic(t in ".{0,200}") {
+            let keys = keys::hmac(b"0123456789abcdef0123456789abcdef");
+            prop_assert!(verify(&t, &tests_policy(), &keys, 1_800_000_000).is_err());
+        }
+
+        /// Headers and claims that are valid base64 JSON but arbitrary: the front of
+        /// the check (before any signature) refuses them with a reason, never panics.
+        #[test]
+        fn any_json_header_and_claims_are_refused_without_panic(
+            h in "\\{(\"(alg|kid|typ|crit|jku)\":(\"[A-Za-z0-9+/]{0,8}\"|[0-9]{1,3}|null|\\[\\]|\\{\\}),?){0,4}\\}",
+            c in "\\{(\"(iss|exp|sub|jti|aud|nbf)\":(\"[a-z]{0,4}\"|-?[0-9]{1,12}|\\[\\]|true),?){0,5}\\}",
+        ) {
+            let keys = keys::hmac(b"0123456789abcdef0123456789abcdef");
+            let t = format!("{}.{}.c2ln", b64(&h), b64(&c));
+            let _ = header(&t);
+            prop_assert!(verify(&t, &tests_policy(), &keys, 1_800_000_000).is_err());
+        }
+    }
+
+    fn tests_policy() -> Policy {
+        Policy::new(&IssuerSettings {
+            name: "t".into(),
+            issuer: "https://id.test".into(),
+            source: crate::config::KeySource::Static(Default::default()),
+            algorithms: vec![Algorithm::HS256],
+            leeway: std::time::Duration::from_secs(30),
+            jwks_refresh: std::time::Duration::from_secs(300),
+        })
     }
 }

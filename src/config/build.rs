@@ -450,6 +450,8 @@ fn build_session(cx: &mut Ctx<'_, '_>, s: file::Session) -> Option<SessionSettin
         let v = v.unwrap_or_else(|| default.to_owned());
         if !v.starts_with('/') {
             cx.p.add(&path.key(key), format!("\"{v}\" must start with /"));
+        } else if crate::target::normalise_path(&v).ok().as_deref() != Some(v.as_str()) {
+            cx.p.add(&path.key(key), format!("\"{v}\" is not a normalised path"));
         }
         v
     };
@@ -573,6 +575,15 @@ fn build_route(
     }
     while prefix.len() > 1 && prefix.ends_with('/') {
         prefix.pop();
+    }
+    // Requests are routed on their normalised path, so a prefix must be normal too.
+    if prefix.starts_with('/')
+        && crate::target::normalise_path(&prefix).ok().as_deref() != Some(prefix.as_str())
+    {
+        cx.p.add(
+            &path.key("path_prefix"),
+            format!("\"{prefix}\" is not a normalised path (no dot segments, repeated slashes or escapes of letters)"),
+        );
     }
     let raw: Vec<(KeyPath, &String)> = match (&r.upstream, &r.upstreams) {
         (Some(u), None) => vec![(path.key("upstream"), u)],

@@ -1,7 +1,10 @@
 //! CSRF gate for cookie-authenticated requests: an unsafe method must come from
-//! an allowed origin or the proxy's own (scheme + Host). `Origin` first, then
-//! `Referer`; a request with neither is refused (fail closed). Requests that
-//! carry an `Authorization` header never reach this check.
+//! an allowed origin or the proxy's own (scheme + `:authority` on HTTP/2, + `Host`
+//! on HTTP/1.1). `Origin` first, then `Referer`; a request with neither is refused
+//! (fail closed). An `Upgrade` (WebSocket) handshake is a `GET` but opens a
+//! two-way channel with the user's session: it needs an allowed `Origin`
+//! (browsers always send one), which closes cross-site WebSocket hijacking.
+//! Requests that carry an `Authorization` header never reach this check.
 
 use http::{header, HeaderMap, Method, Uri};
 
@@ -28,30 +31,48 @@ fn origin_of(value: &str) -> Option<String> {
     Some(normalise(uri.scheme_str()?, uri.authority()?.as_str()))
 }
 
-/// `Ok` when the request may proceed.
 /// A cookie-authenticated unsafe request from an origin that is neither allowed nor the proxy's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("cross-origin cookie-authenticated request")]
 pub struct ForeignOrigin;
 
+/// The proxy's own origin for this request: its scheme and validated authority.
+#[derive(Debug, Clone, Copy)]
+pub struct Own<'a> {
+    pub tls: bool,
+    pub authority: Option<&'a str>,
+}
+
+/// Whether the request asks for a protocol upgrade (`Connection: upgrade` + `Upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// `Ok` when the request may proceed.
 pub fn check(
     method: &Method,
     headers: &HeaderMap,
-    tls: bool,
+    own: Own<'_>,
     allowed: &[String],
 ) -> Result<(), ForeignOrigin> {
-    if !is_unsafe(method) {
+    let upgrade = is_upgrade(headers);
+    if !is_unsafe(method) && !upgrade {
         return Ok(());
     }
-    let claimed = match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let claimed = match origin {
         Some(o) => origin_of(o),
+        None if upgrade => None,
         None => headers.get(header::REFERER).and_then(|v| v.to_str().ok()).and_then(origin_of),
     };
     let Some(claimed) = claimed else { return Err(ForeignOrigin) };
-    let own = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(|h| normalise(if tls { "https" } else { "http" }, h));
+    let own = own.authority.map(|h| normalise(if own.tls { "https" } else { "http" }, h));
     if own.as_deref() == Some(claimed.as_str()) || allowed.iter().any(|a| normalise_allowed(a) == claimed) {
         Ok(())
     } else {
@@ -140,7 +161,29 @@ mod tests {
             ),
         ];
         for (m, h, tls, ok) in cases {
-            assert_eq!(check(&m, &headers(&h), tls, &allowed).is_ok(), ok, "{m} {h:?}");
+            let hm = headers(&h);
+            let own = Own { tls, authority: hm.get("host").map(|v| v.to_str().unwrap()) };
+            assert_eq!(check(&m, &hm, own, &allowed).is_ok(), ok, "{m} {h:?}");
         }
+    }
+
+    #[test]
+    fn upgrades_need_an_allowed_origin() {
+        let allowed = vec!["https://app.example.com".to_string()];
+        let own = Own { tls: true, authority: Some("api.example.com") };
+        let ws = |origin: Option<&'static str>| {
+            let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, o.parse().unwrap());
+            }
+            check(&Method::GET, &h, own, &allowed).is_ok()
+        };
+        assert!(ws(Some("https://app.example.com")));
+        assert!(ws(Some("https://api.example.com")));
+        assert!(!ws(Some("https://evil.example")));
+        assert!(!ws(None), "no Origin, no upgrade (a Referer does not stand in)");
+        let own_h2 = Own { tls: true, authority: Some("api.example.com:8443") };
+        let post = headers(&[("origin", "https://api.example.com:8443")]);
+        assert!(check(&Method::POST, &post, own_h2, &[]).is_ok(), "HTTP/2: the origin is :authority");
     }
 }

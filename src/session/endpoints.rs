@@ -16,6 +16,7 @@ use super::{csrf, LoginState, RefreshCookie, Sessions};
 use crate::auth::{unix_now, AuthError};
 use crate::body::{full, json_response, Body};
 use crate::state::{Conn, Shared};
+use crate::target::Target;
 
 const MAX_LOGIN_BODY: usize = 64 * 1024;
 const LOGIN_STATE_TTL: Duration = Duration::from_secs(600);
@@ -55,6 +56,7 @@ pub async fn serve(
     ep: Endpoint,
     req: Request<Incoming>,
     conn: &Conn,
+    target: &Target,
     sessions: &Arc<Sessions>,
     shared: &Shared,
     cookies: &mut Vec<HeaderValue>,
@@ -62,13 +64,13 @@ pub async fn serve(
     let post = req.method() == Method::POST;
     let get = req.method() == Method::GET;
     match ep {
-        Endpoint::Refresh if post => refresh(req, conn, sessions, shared, cookies).await,
-        Endpoint::Logout if post => logout(req, conn, sessions, shared, cookies).await,
+        Endpoint::Refresh if post => refresh(req, conn, target, sessions, shared, cookies).await,
+        Endpoint::Logout if post => logout(req, conn, target, sessions, shared, cookies).await,
         Endpoint::Login if post && sessions.auth_server.login_url.is_some() => {
-            login_passthrough(req, conn, sessions, cookies).await
+            login_passthrough(req, conn, target, sessions, cookies).await
         }
         Endpoint::Login if get && sessions.oauth.authorization_url().is_some() => {
-            login_redirect(req, conn, sessions, cookies)
+            login_redirect(req, conn, target, sessions, cookies)
         }
         Endpoint::Callback if get && sessions.oauth.authorization_url().is_some() => {
             callback(req, sessions, cookies).await
@@ -78,9 +80,9 @@ pub async fn serve(
     }
 }
 
-fn gate(req: &Request<Incoming>, conn: &Conn, s: &Sessions) -> Result<(), AuthError> {
-    csrf::check(req.method(), req.headers(), conn.tls, &s.settings.allowed_origins)
-        .map_err(|_| AuthError::Csrf)
+fn gate(req: &Request<Incoming>, conn: &Conn, target: &Target, s: &Sessions) -> Result<(), AuthError> {
+    let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
+    csrf::check(req.method(), req.headers(), own, &s.settings.allowed_origins).map_err(|_| AuthError::Csrf)
 }
 
 /// Refuses a session past `absolute_timeout`, clearing its cookies.
@@ -100,11 +102,12 @@ fn within_absolute(
 async fn refresh(
     req: Request<Incoming>,
     conn: &Conn,
+    target: &Target,
     s: &Arc<Sessions>,
     shared: &Shared,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
-    gate(&req, conn, s)?;
+    gate(&req, conn, target, s)?;
     let jar = s.cookies(req.headers());
     let rc = s.open_refresh(&jar).ok_or(AuthError::Missing)?;
     within_absolute(s, &rc, cookies, &jar)?;
@@ -127,7 +130,7 @@ fn access_revocation(token: &str) -> Option<crate::auth::revocation::Revocation>
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let jti = claims.get("jti")?.as_str()?.to_owned();
+    let jti = crate::auth::jwt::id_claim(claims.get("jti"))?;
     let exp = claims.get("exp")?.as_f64()? as i64;
     Some(crate::auth::revocation::Revocation::Jti { jti, exp })
 }
@@ -135,11 +138,12 @@ fn access_revocation(token: &str) -> Option<crate::auth::revocation::Revocation>
 async fn logout(
     req: Request<Incoming>,
     conn: &Conn,
+    target: &Target,
     s: &Arc<Sessions>,
     shared: &Shared,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
-    gate(&req, conn, s)?;
+    gate(&req, conn, target, s)?;
     let jar = s.cookies(req.headers());
     if let Some(rc) = s.open_refresh(&jar) {
         // A rotated pair held for the grace window must not outlive the logout.
@@ -162,10 +166,11 @@ async fn logout(
 async fn login_passthrough(
     req: Request<Incoming>,
     conn: &Conn,
+    target: &Target,
     s: &Arc<Sessions>,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
-    gate(&req, conn, s)?;
+    gate(&req, conn, target, s)?;
     let Some(url) = s.auth_server.login_url.clone() else {
         return Err(EndpointError::BadRequest("login passthrough is not configured"));
     };
@@ -213,16 +218,11 @@ pub fn safe_return_to(v: Option<&str>) -> String {
     }
 }
 
-fn redirect_uri(req: &Request<Incoming>, conn: &Conn, s: &Sessions) -> String {
+fn redirect_uri(target: &Target, conn: &Conn, s: &Sessions) -> String {
     if let Some(r) = &s.auth_server.redirect_uri {
         return r.clone();
     }
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or("localhost");
+    let host = target.authority_str().unwrap_or("localhost");
     format!("{}://{}{}", if conn.tls { "https" } else { "http" }, host, s.settings.callback_path)
 }
 
@@ -243,6 +243,7 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
 fn login_redirect(
     req: Request<Incoming>,
     conn: &Conn,
+    target: &Target,
     s: &Arc<Sessions>,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
@@ -254,7 +255,7 @@ fn login_redirect(
     let verifier = s.sealer.random_token().ok_or_else(fail)?;
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()));
-    let redirect_uri = redirect_uri(&req, conn, s);
+    let redirect_uri = redirect_uri(target, conn, s);
     let return_to = safe_return_to(query_param(&req, "return_to").as_deref());
     let mut q = form_urlencoded::Serializer::new(String::new());
     q.append_pair("response_type", "code")
