@@ -98,8 +98,12 @@ pub fn presented_leaf(stream: &TlsStream<TcpStream>) -> rustls_pki_types::Certif
 
 /// Sends one request on an established TLS stream, in HTTP/2 if ALPN chose `h2`,
 /// else HTTP/1.1, and reads the whole answer.
-pub async fn send_over(stream: TlsStream<TcpStream>, req: Request<Body>) -> Reply {
+pub async fn send_over(stream: TlsStream<TcpStream>, mut req: Request<Body>) -> Reply {
     let io = TokioIo::new(stream);
+    // A connection-level HTTP/1.1 client writes no Host of its own; every HTTP/1.1 request needs one.
+    if let Some(a) = req.uri().authority().map(|a| a.to_string()) {
+        req.headers_mut().entry(http::header::HOST).or_insert(a.parse().expect("authority as Host"));
+    }
     let h2 = io.inner().get_ref().1.alpn_protocol() == Some(b"h2");
     let exchange = async {
         let resp = if h2 {
