@@ -1,13 +1,10 @@
 //! Operating the proxy: certificates swapped by a reload reach new connections,
 //! `/metrics` is valid Prometheus text that counts requests, `/readyz` follows keys.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use support::*;
+use crate::kit::*;
 
 fn tls_config(up: &Upstream, cert: &str, key: &str) -> String {
     format!(
@@ -55,35 +52,6 @@ async fn a_certificate_swapped_by_reload_is_served_to_new_connections() {
     assert_eq!(presented_leaf(&s3), second.der);
 }
 
-/// Checks the exposition format line by line: comments, or `name{labels} value`.
-fn parse_prometheus(text: &str) -> HashMap<String, f64> {
-    let mut out = HashMap::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
-        let name_end = series.find('{').unwrap_or(series.len());
-        let name = &series[..name_end];
-        assert!(
-            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name: {line}"
-        );
-        if name_end < series.len() {
-            let labels = series[name_end..].strip_prefix('{').and_then(|l| l.strip_suffix('}'));
-            let labels = labels.unwrap_or_else(|| panic!("bad label set: {line}"));
-            for pair in labels.split("\",").filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label: {line}"));
-                assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad label name: {line}");
-                assert!(!v.contains('\n'));
-            }
-        }
-        out.insert(series.to_owned(), value);
-    }
-    out
-}
-
 #[tokio::test]
 async fn metrics_parse_as_prometheus_text_and_count_requests() {
     let up = Upstream::start().await;
@@ -92,19 +60,19 @@ async fn metrics_parse_as_prometheus_text_and_count_requests() {
         up.url()
     ))
     .await;
-    let before = parse_prometheus(&get(format!("{}/metrics", proxy.admin_url())).send().await.text());
+    let before = metrics(&proxy).await;
     let ok = "portcullis_requests_total{route=\"api\",status=\"200\"}";
     assert_eq!(before.get(ok), None);
     assert_eq!(get(proxy.url("/api/x")).send().await.status, 200);
     get(proxy.url("/nowhere")).send().await.assert_error(404, "no_route");
     let reply = get(format!("{}/metrics", proxy.admin_url())).send().await;
     assert!(reply.header("content-type").unwrap().starts_with("text/plain"));
-    let after = parse_prometheus(&reply.text());
-    assert_eq!(after.get(ok), Some(&1.0));
-    assert_eq!(after.get("portcullis_requests_total{route=\"\",status=\"404\"}"), Some(&1.0));
-    assert_eq!(after.get("portcullis_upstream_duration_seconds_count{route=\"api\"}"), Some(&1.0));
-    assert!(after.contains_key("portcullis_open_connections"));
-    assert!(after.contains_key("portcullis_auth_rejections_total{reason=\"invalid_token\"}"));
-    assert!(after.contains_key("portcullis_refreshes_total{outcome=\"rotated\"}"));
-    assert!(after.contains_key("portcullis_config_reloads_total{outcome=\"ok\"}"));
+    let after = Metrics::parse(&reply.text());
+    assert_eq!(after.get(ok), Some(1.0));
+    assert_eq!(after.get("portcullis_requests_total{route=\"\",status=\"404\"}"), Some(1.0));
+    assert_eq!(after.get("portcullis_upstream_duration_seconds_count{route=\"api\"}"), Some(1.0));
+    assert!(after.has("portcullis_open_connections"));
+    assert!(after.has("portcullis_auth_rejections_total{reason=\"invalid_token\"}"));
+    assert!(after.has("portcullis_refreshes_total{outcome=\"rotated\"}"));
+    assert!(after.has("portcullis_config_reloads_total{outcome=\"ok\"}"));
 }

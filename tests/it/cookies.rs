@@ -2,23 +2,9 @@
 //! sealing (a cookie that fails to open is absent), key rotation, chunking of
 //! large values, lifetimes, and removal of the proxy's cookies from the
 //! `Cookie` header sent upstream.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod idp;
-#[allow(dead_code)]
-mod kit;
-mod support;
-
-use idp::TestIdp;
-use kit::*;
-use support::{get, Proxy, Reply, Upstream};
-
-async fn setup(o: &Opts) -> (TestIdp, Upstream, Proxy) {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, o).await;
-    (idp, up, proxy)
-}
+use crate::kit::session::*;
+use crate::kit::*;
 
 fn assert_attributes(c: &SetCookie, secure: bool, same_site: &str) {
     assert!(c.has("HttpOnly"), "{}", c.raw);
@@ -32,7 +18,7 @@ fn assert_attributes(c: &SetCookie, secure: bool, same_site: &str) {
 async fn secure_cookies_use_host_prefixed_names() {
     let o = Opts { secure: true, session: "same_site = \"strict\"".into(), ..Opts::default() };
     let (_idp, _up, proxy) = setup(&o).await;
-    let r = support::post(proxy.url("/auth/login"), login_body("alice", PASSWORD))
+    let r = post(proxy.url("/auth/login"), login_body("alice", PASSWORD))
         .header("content-type", "application/json")
         .header("origin", own_origin(&proxy))
         .send()
@@ -227,7 +213,7 @@ async fn large_access_tokens_are_chunked_and_joined() {
 
     // A small token later replaces the chunks and deletes every stale part.
     let r = jar
-        .on(support::post(proxy.url("/auth/login"), login_body("bob", PASSWORD)))
+        .on(post(proxy.url("/auth/login"), login_body("bob", PASSWORD)))
         .header("content-type", "application/json")
         .header("origin", own_origin(&proxy))
         .send()

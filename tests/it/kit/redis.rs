@@ -1,21 +1,15 @@
 //! A throwaway `redis-server` for the fleet tests: a child process on a free
-//! loopback port, no persistence, killed on drop. Include it under another name
-//! than `redis` so it does not shadow the `redis` crate:
-//!
-//! ```ignore
-//! #[path = "redis/mod.rs"]
-//! mod redis_server;
-//! ```
+//! loopback port, no persistence, killed on drop. (The module is private to the
+//! kit, re-exported by name, so that it never shadows the `redis` crate.)
 //!
 //! The tests need Debian's `redis-server` (`apt-get install -y redis-server`);
 //! without it they fail with that advice rather than skip.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::support::{free_port, TempDir, DEADLINE};
+use super::{free_port, TempDir, DEADLINE};
 
 pub struct RedisServer {
     child: Option<Child>,

@@ -8,22 +8,19 @@
 //! Requests whose spelling matters are written by hand on a raw socket, so the proxy
 //! sees exactly what an attacker sends (HTTP clients normalise or refuse some of it).
 
-mod idp;
-#[allow(dead_code)]
-mod kit;
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::kit::idp::{b64, encoding_key, now, sign, TestIdp};
+use crate::kit::session as kit;
+use crate::kit::upstream::Echo;
+use crate::kit::*;
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use idp::{b64, encoding_key, now, sign, TestIdp};
 use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::Role;

@@ -1,28 +1,18 @@
 //! Refresh storms (SPEC §4 "Concurrency", §5): many concurrent requests holding
 //! the same refresh token share one call to `token_url`, whatever the outcome,
 //! and never trip the server's reuse detection.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod idp;
-#[allow(dead_code)]
-mod kit;
-mod support;
-
-use std::sync::Arc;
 use std::time::Duration;
 
-use idp::{Outage, TestIdp};
-use kit::*;
-use support::{Proxy, Reply, Upstream};
+use crate::kit::session::*;
+use crate::kit::*;
 
 const STORM: usize = 100;
 
 /// A logged-in browser whose access token needs refresh on every request
 /// (ttl 10 s <= refresh_ahead 30 s); tokens minted afterwards live 300 s.
 async fn storm_setup() -> (TestIdp, Upstream, Proxy, Jar) {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, &Opts::default()).await;
+    let (idp, up, proxy) = setup(&Opts::default()).await;
     idp.set_access_ttl(10);
     let (_, jar) = login(&proxy, "alice").await;
     idp.set_access_ttl(300);
@@ -30,28 +20,20 @@ async fn storm_setup() -> (TestIdp, Upstream, Proxy, Jar) {
     (idp, up, proxy, jar)
 }
 
-/// Sends `n` requests at once, half of them `POST refresh_path` when `mixed`.
+/// Sends `n` requests at once, half of them `POST refresh_path` when `mixed`;
+/// each answer comes with whether it was the refresh endpoint's.
 async fn storm(proxy: &Proxy, jar: &Jar, n: usize, mixed: bool) -> Vec<(bool, Reply)> {
-    let start = Arc::new(tokio::sync::Barrier::new(n));
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let endpoint = mixed && i % 2 == 1;
-        let req = if endpoint {
-            jar.on(support::post(proxy.url("/auth/refresh"), "")).header("origin", own_origin(proxy))
-        } else {
-            jar.on(support::get(proxy.url(&format!("/api/orders/{i}"))))
-        };
-        let start = start.clone();
-        tasks.push(tokio::spawn(async move {
-            start.wait().await;
-            (endpoint, req.send().await)
-        }));
-    }
-    let mut out = Vec::with_capacity(n);
-    for t in tasks {
-        out.push(t.await.expect("request task"));
-    }
-    out
+    let endpoint = |i: usize| mixed && i % 2 == 1;
+    let reqs = (0..n)
+        .map(|i| {
+            if endpoint(i) {
+                jar.on(post(proxy.url("/auth/refresh"), "")).header("origin", own_origin(proxy))
+            } else {
+                jar.on(get(proxy.url(&format!("/api/orders/{i}"))))
+            }
+        })
+        .collect();
+    send_together(reqs).await.into_iter().enumerate().map(|(i, r)| (endpoint(i), r)).collect()
 }
 
 async fn assert_one_refresh_for_all(idp: &TestIdp, proxy: &Proxy, jar: &Jar, replies: &[(bool, Reply)]) {

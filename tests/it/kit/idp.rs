@@ -3,8 +3,12 @@
 //! token minting, a token endpoint with rotating refresh tokens and reuse
 //! detection (reusing a rotated refresh token revokes the whole family, RFC 9700
 //! §4.14.2), authorization code + PKCE, RFC 7009 revocation, a login endpoint
-//! for passthrough, and outages on demand.
-#![allow(dead_code)]
+//! for passthrough, and outages on demand — of the token endpoint and of the JWKS.
+//!
+//! It is also the tests' only JWKS server: a JWKS endpoint that fails on demand
+//! ([`JwksAnswer`]), one that is stopped ([`TestIdp::stop`]) or that only starts
+//! later ([`TestIdp::start_on`]), and the attacker's server that must never be
+//! contacted ([`TestIdp::connections`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,6 +24,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+
+use super::config::Table;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
@@ -71,6 +77,11 @@ pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// The JWKS document of these fixture keys.
+pub fn jwks(kids: &[String]) -> Value {
+    json!({"keys": kids.iter().map(|k| jwk(k)).collect::<Vec<_>>()})
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outage {
     None,
@@ -78,6 +89,21 @@ pub enum Outage {
     ServerError,
     /// Token endpoint waits this long before answering.
     Slow(Duration),
+}
+
+/// What the JWKS endpoint answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwksAnswer {
+    /// `200` with the published keys ([`TestIdp::set_keys`]).
+    Keys,
+    /// `503 Service Unavailable`.
+    Unavailable,
+    /// `500` with an HTML body.
+    ServerError,
+    /// `200` with a body that is not JSON.
+    Garbage,
+    /// `200 {"keys": []}`: valid JSON, no usable key.
+    NoKeys,
 }
 
 #[derive(Debug, Clone)]
@@ -104,23 +130,25 @@ struct Inner {
     last_token_form: HashMap<String, String>,
     last_token_auth: Option<String>,
     jwks_cache_control: Option<String>,
+    jwks_answer: JwksAnswer,
 }
 
 pub struct TestIdp {
     pub addr: SocketAddr,
     inner: Arc<Mutex<Inner>>,
+    /// Requests for the JWKS, whatever the answer.
     pub jwks_fetches: Arc<AtomicUsize>,
     pub token_calls: Arc<AtomicUsize>,
     pub revocations: Arc<AtomicUsize>,
+    /// Connections accepted, on any path.
+    pub connections: Arc<AtomicUsize>,
     counter: Arc<AtomicUsize>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for TestIdp {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        self.task.abort();
     }
 }
 
@@ -130,7 +158,12 @@ pub const CLIENT_SECRET: &str = "s3cret-client";
 
 impl TestIdp {
     pub async fn start() -> TestIdp {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(([127, 0, 0, 1], 0).into()).await
+    }
+
+    /// Listens on `addr`, e.g. a port a proxy was already told about.
+    pub async fn start_on(addr: SocketAddr) -> TestIdp {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the test IdP");
         let addr = listener.local_addr().unwrap();
         let inner = Arc::new(Mutex::new(Inner {
             keys: vec!["rsa1".into(), "ec1".into(), "ed1".into()],
@@ -144,38 +177,57 @@ impl TestIdp {
             last_token_form: HashMap::new(),
             last_token_auth: None,
             jwks_cache_control: None,
+            jwks_answer: JwksAnswer::Keys,
         }));
-        let mut idp = TestIdp {
-            addr,
+        let server = Handles {
+            issuer: format!("http://{addr}"),
             inner,
             jwks_fetches: Arc::new(AtomicUsize::new(0)),
             token_calls: Arc::new(AtomicUsize::new(0)),
             revocations: Arc::new(AtomicUsize::new(0)),
+            connections: Arc::new(AtomicUsize::new(0)),
             counter: Arc::new(AtomicUsize::new(0)),
-            shutdown: None,
         };
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let server = idp.clone_handles();
-        tokio::spawn(async move {
+        let handles = server.clone();
+        let task = tokio::spawn(async move {
+            // Connections live in this set: aborting this task drops them all.
+            let mut conns = tokio::task::JoinSet::new();
             loop {
-                let (stream, _) = tokio::select! {
-                    _ = &mut rx => return,
-                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-                };
-                let server = server.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        server.connections.fetch_add(1, Ordering::SeqCst);
                         let server = server.clone();
-                        async move { Ok::<_, Infallible>(server.handle(req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                        conns.spawn(async move {
+                            let svc = hyper::service::service_fn(move |req| {
+                                let server = server.clone();
+                                async move { Ok::<_, Infallible>(server.handle(req).await) }
+                            });
+                            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
             }
         });
-        idp.shutdown = Some(tx);
-        idp
+        TestIdp {
+            addr,
+            inner: handles.inner,
+            jwks_fetches: handles.jwks_fetches,
+            token_calls: handles.token_calls,
+            revocations: handles.revocations,
+            connections: handles.connections,
+            counter: handles.counter,
+            task,
+        }
+    }
+
+    /// Closes the listener and every open connection (the proxy's pooled ones too):
+    /// from now on the IdP refuses connections.
+    pub fn stop(&self) {
+        self.task.abort();
     }
 
     fn clone_handles(&self) -> Handles {
@@ -185,6 +237,7 @@ impl TestIdp {
             jwks_fetches: self.jwks_fetches.clone(),
             token_calls: self.token_calls.clone(),
             revocations: self.revocations.clone(),
+            connections: self.connections.clone(),
             counter: self.counter.clone(),
         }
     }
@@ -208,10 +261,31 @@ impl TestIdp {
         format!("{}/login", self.issuer())
     }
 
+    /// `[[issuers]]` "main": this IdP's `issuer` and `jwks_url`.
+    pub fn issuer_table(&self) -> Table {
+        Table::new("[[issuers]]")
+            .set("name", "main")
+            .set("issuer", self.issuer())
+            .set("jwks_url", self.jwks_url())
+    }
+
+    /// `[auth_server]`: this IdP's token, revocation and login endpoints, for client
+    /// [`CLIENT_ID`] whose secret is in the `CLIENT_SECRET` variable.
+    pub fn auth_server_table(&self) -> Table {
+        Table::new("[auth_server]")
+            .set("token_url", self.token_url())
+            .set("revocation_url", self.revoke_url())
+            .set("login_url", self.login_url())
+            .set("client_id", CLIENT_ID)
+            .set("client_secret_env", "CLIENT_SECRET")
+    }
+
     /// Publishes exactly these fixture keys in the JWKS from now on.
     pub fn set_keys(&self, kids: &[&str]) {
         self.inner.lock().unwrap().keys = kids.iter().map(|k| k.to_string()).collect();
     }
+    /// Signs new tokens with fixture key `kid` from now on.
+    #[allow(dead_code, reason = "no suite rotates the signing key yet")]
     pub fn set_signing_key(&self, kid: &str) {
         self.inner.lock().unwrap().signing_kid = kid.to_owned();
     }
@@ -223,6 +297,10 @@ impl TestIdp {
     }
     pub fn set_outage(&self, o: Outage) {
         self.inner.lock().unwrap().outage = o;
+    }
+    /// What the JWKS endpoint answers from now on.
+    pub fn set_jwks_answer(&self, a: JwksAnswer) {
+        self.inner.lock().unwrap().jwks_answer = a;
     }
     pub fn set_jwks_cache_control(&self, v: Option<&str>) {
         self.inner.lock().unwrap().jwks_cache_control = v.map(str::to_owned);
@@ -248,11 +326,7 @@ impl TestIdp {
 
     /// Claims of a normal access token for `sub`, valid for `ttl` seconds.
     pub fn claims(&self, sub: &str, ttl: i64) -> Value {
-        let n = now();
-        json!({
-            "iss": self.issuer(), "sub": sub, "aud": AUDIENCE, "exp": n + ttl, "iat": n,
-            "scope": "orders:read orders:write", "jti": format!("jti-{}", self.counter.fetch_add(1, Ordering::SeqCst)),
-        })
+        self.clone_handles().claims(sub, ttl)
     }
 
     /// A signed access token for `sub` with the current signing key.
@@ -262,6 +336,7 @@ impl TestIdp {
     }
 
     /// Starts a session as a login would: (access token, refresh token).
+    #[allow(dead_code, reason = "no suite starts a session behind the proxy's back yet")]
     pub fn session(&self, sub: &str) -> (String, String) {
         self.clone_handles().new_session(sub)
     }
@@ -274,6 +349,7 @@ struct Handles {
     jwks_fetches: Arc<AtomicUsize>,
     token_calls: Arc<AtomicUsize>,
     revocations: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
     counter: Arc<AtomicUsize>,
 }
 
@@ -322,17 +398,20 @@ fn pct_decode(s: &str) -> String {
 }
 
 impl Handles {
+    fn claims(&self, sub: &str, ttl: i64) -> Value {
+        let n = now();
+        json!({
+            "iss": self.issuer, "sub": sub, "aud": AUDIENCE, "exp": n + ttl, "iat": n,
+            "scope": "orders:read orders:write", "jti": format!("jti-{}", self.counter.fetch_add(1, Ordering::SeqCst)),
+        })
+    }
+
     fn mint_access(&self, sub: &str) -> (String, i64) {
         let (kid, ttl) = {
             let g = self.inner.lock().unwrap();
             (g.signing_kid.clone(), g.access_ttl)
         };
-        let n = now();
-        let claims = json!({
-            "iss": self.issuer, "sub": sub, "aud": AUDIENCE, "exp": n + ttl, "iat": n,
-            "scope": "orders:read orders:write", "jti": format!("jti-{}", self.counter.fetch_add(1, Ordering::SeqCst)),
-        });
-        (sign(&kid, &claims), ttl)
+        (sign(&kid, &self.claims(sub, ttl)), ttl)
     }
 
     fn new_refresh(&self, family: usize) -> String {
@@ -359,12 +438,24 @@ impl Handles {
         match path.as_str() {
             "/jwks.json" => {
                 self.jwks_fetches.fetch_add(1, Ordering::SeqCst);
-                let (keys, cc) = {
+                let (keys, cc, answer) = {
                     let g = self.inner.lock().unwrap();
-                    (g.keys.clone(), g.jwks_cache_control.clone())
+                    (g.keys.clone(), g.jwks_cache_control.clone(), g.jwks_answer)
                 };
-                let doc = json!({"keys": keys.iter().map(|k| jwk(k)).collect::<Vec<_>>()});
-                let mut r = json_resp(StatusCode::OK, &doc);
+                let (status, body) = match answer {
+                    JwksAnswer::Keys => (StatusCode::OK, jwks(&keys).to_string()),
+                    JwksAnswer::Unavailable => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "{\"error\":\"down\"}".into())
+                    }
+                    JwksAnswer::ServerError => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, "<html>oops</html>".into())
+                    }
+                    JwksAnswer::Garbage => (StatusCode::OK, "this is not a JWKS {".into()),
+                    JwksAnswer::NoKeys => (StatusCode::OK, "{\"keys\":[]}".into()),
+                };
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                *r.status_mut() = status;
+                r.headers_mut().insert("content-type", "application/json".parse().unwrap());
                 if let Some(cc) = cc {
                     r.headers_mut().insert("cache-control", cc.parse().unwrap());
                 }

@@ -2,12 +2,10 @@
 //! name the file, line and key of every problem and exit 1; a usage error exits 2;
 //! secrets are never echoed.
 
-mod support;
-
 use std::collections::HashMap;
 use std::path::Path;
 
-use support::*;
+use crate::kit::*;
 
 fn check(text: &str) -> (Finished, String) {
     let dir = TempDir::new();
@@ -216,7 +214,7 @@ fn a_config_without_listeners_is_refused() {
 
 #[test]
 fn a_route_that_checks_tokens_without_audiences_is_a_warning_not_an_error() {
-    let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rsa1.pub.pem");
+    let key = fixture("rsa1.pub.pem");
     let text = format!(
         "[listen]\nhttp = \"127.0.0.1:0\"\n\n[[issuers]]\nname = \"main\"\nissuer = \"https://id.test\"\npublic_key_files = [\"{key}\"]\n\n[[routes]]\nname = \"api\"\nupstream = \"http://127.0.0.1:9\"\nissuer = \"main\"\n"
     );

@@ -1,10 +1,8 @@
 //! The HTTPS listener: certificates made with rcgen under a test CA, ALPN `h2` and
 //! `http/1.1`, the certificate chosen by SNI, and a listener that survives junk.
 
-mod support;
-
+use crate::kit::*;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 struct TlsSite {

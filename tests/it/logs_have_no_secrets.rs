@@ -1,69 +1,38 @@
 //! Runs the real binary at debug log level through logins, refreshes, rejections
 //! and logout, then scans everything it logged for the secrets it handled.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod idp;
-mod support;
-
-use base64::Engine as _;
-use idp::TestIdp;
-use support::*;
+use crate::kit::idp::CLIENT_SECRET;
+use crate::kit::session::b64_key;
+use crate::kit::*;
 
 #[tokio::test]
 async fn no_token_cookie_value_or_secret_reaches_the_log() {
     let idp = TestIdp::start().await;
     idp.set_access_ttl(5); // every cookie request refreshes (refresh_ahead 30s)
     let up = Upstream::start().await;
-    let cookie_key = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
-    let toml = format!(
-        r#"
-[[issuers]]
-name = "main"
-issuer = "{iss}"
-jwks_url = "{jwks}"
-[auth_server]
-token_url = "{token}"
-revocation_url = "{revoke}"
-login_url = "{login}"
-client_id = "edge"
-client_secret_env = "CLIENT_SECRET"
-[session]
-cookie_key_env = "COOKIE_KEY"
-secure = false
-[[routes]]
-name = "api"
-path_prefix = "/api"
-upstream = "{up}"
-issuer = "main"
-"#,
-        iss = idp.issuer(),
-        jwks = idp.jwks_url(),
-        token = idp.token_url(),
-        revoke = idp.revoke_url(),
-        login = idp.login_url(),
-        up = up.url()
-    );
+    let cookie_key = b64_key(&[42u8; 32]);
+    let toml = Config::new()
+        .table(idp.issuer_table())
+        .table(idp.auth_server_table())
+        .table(session_table())
+        .table(api_route(&up))
+        .toml();
+    // The real binary, its stderr captured: everything it logs, at debug level.
     let proxy = ProxyProcess::start_with_env(
         &toml,
-        &[("CLIENT_SECRET", idp::CLIENT_SECRET), ("COOKIE_KEY", &cookie_key), ("PORTCULLIS_LOG", "debug")],
+        &[("CLIENT_SECRET", CLIENT_SECRET), ("COOKIE_KEY", &cookie_key), ("PORTCULLIS_LOG", "debug")],
     )
     .await;
-    eventually("keys loaded", DEADLINE, || async {
-        get(format!("http://{}/readyz", proxy.admin)).send().await.status == 200
-    })
-    .await;
+    wait_ready(&proxy).await;
     let origin = format!("http://{}", proxy.http);
-    let mut secrets = vec![idp::CLIENT_SECRET.to_owned(), cookie_key.clone()];
+    let mut secrets = vec![CLIENT_SECRET.to_owned(), cookie_key.clone()];
 
     // A bearer token, accepted, then tampered with.
     let token = idp.access_token("alice", 300);
     secrets.push(token.clone());
-    assert_eq!(
-        get(proxy.url("/api/x")).header("authorization", format!("Bearer {token}")).send().await.status,
-        200
-    );
+    assert_eq!(get(proxy.url("/api/x")).bearer(&token).send().await.status, 200);
     let tampered = format!("{token}x");
-    let r = get(proxy.url("/api/x")).header("authorization", format!("Bearer {tampered}")).send().await;
+    let r = get(proxy.url("/api/x")).bearer(&tampered).send().await;
     assert_eq!(r.status, 401);
 
     // Login passthrough: tokens go into cookies.

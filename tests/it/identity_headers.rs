@@ -1,14 +1,9 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Identity headers (SPEC §4): what a client sends is never trusted — every configured
 //! identity header of any route and every `X-Auth-*` header is stripped on every route —
 //! and what the upstream gets comes from verified claims only. Also `forward_token`.
 
-mod idp;
-mod support;
-
-use idp::{sign, TestIdp};
+use crate::kit::*;
 use serde_json::{json, Value};
-use support::*;
 
 struct Env {
     idp: TestIdp,
@@ -22,15 +17,10 @@ struct Env {
 async fn start() -> Env {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let proxy = Proxy::start(&format!(
+    let issuer =
+        idp.issuer_table().set("algorithms", vec!["RS256", "ES256", "EdDSA"]).set("jwks_refresh", "1h");
+    let routes = format!(
         r#"
-[[issuers]]
-name = "main"
-issuer = "{iss}"
-jwks_url = "{jwks}"
-algorithms = ["RS256", "ES256", "EdDSA"]
-jwks_refresh = "1h"
-
 [[routes]]
 name = "public"
 path_prefix = "/public"
@@ -82,14 +72,10 @@ path_prefix = "/plain"
 upstream = "{up}"
 issuer = "main"
 "#,
-        iss = idp.issuer(),
-        jwks = idp.jwks_url(),
         up = up.url()
-    ))
-    .await;
-    let url = format!("{}/readyz", proxy.admin_url());
-    let url = &url;
-    eventually("keys loaded", DEADLINE, || async move { get(url).send().await.status == 200 }).await;
+    );
+    let proxy = Proxy::start(&Config::new().table(issuer).raw(&routes).toml()).await;
+    wait_ready(&proxy).await;
     Env { idp, proxy, _up: up }
 }
 
@@ -112,7 +98,7 @@ impl Env {
     }
 
     fn with_token(&self, req: Req, token: &str) -> Req {
-        req.header("authorization", format!("Bearer {token}"))
+        req.bearer(token)
     }
 }
 

@@ -2,12 +2,10 @@
 //! stops accepting at once, lets in-flight requests finish within `drain_timeout`,
 //! and the binary exits 0.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::kit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -39,7 +37,7 @@ async fn sigterm_lets_the_in_flight_request_finish_refuses_new_connections_and_e
     eventually("the proxy refuses new connections", DEADLINE, || refuses_connections(proxy.http)).await;
     assert!(!slow.is_finished(), "new connections were refused only after the slow request ended");
     // The admin listener stays up during the drain and reports it.
-    let ready = get(format!("http://{}/readyz", proxy.admin)).send().await;
+    let ready = readyz(&proxy).await;
     assert_eq!(ready.status, 503, "readyz while draining: {}", ready.text());
     let reply = slow.await.expect("slow request task");
     assert_eq!(reply.echo().path, "/slow?ms=2000", "the in-flight request completes");

@@ -1,15 +1,10 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Revocation on the admin listener (SPEC §4 Revocation) and the verified-token cache
 //! (SPEC §4 Verified-token cache): a revoked token is refused on the very next request,
 //! also when its signature check is cached; the cache never lends one token's identity
 //! to another, never outlives `exp`, and never skips audience, scope or revocation.
 
-mod idp;
-mod support;
-
-use idp::{sign, TestIdp};
+use crate::kit::*;
 use serde_json::{json, Value};
-use support::*;
 
 // === setup ===
 
@@ -24,21 +19,12 @@ struct Env {
 async fn start(extra: &str, leeway: &str) -> Env {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let mut toml = format!(
-        r#"
-{extra}
-
-[[issuers]]
-name = "main"
-issuer = "{iss}"
-jwks_url = "{jwks}"
-algorithms = ["RS256", "ES256", "EdDSA"]
-leeway = "{leeway}"
-jwks_refresh = "1h"
-"#,
-        iss = idp.issuer(),
-        jwks = idp.jwks_url(),
-    );
+    let issuer = idp
+        .issuer_table()
+        .set("algorithms", vec!["RS256", "ES256", "EdDSA"])
+        .set("leeway", leeway)
+        .set("jwks_refresh", "1h");
+    let mut toml = Config::new().raw(extra).table(issuer).toml();
     for (name, audience, scope) in [
         ("orders", "orders-api", "orders:read"),
         ("billing", "billing-api", ""),
@@ -61,15 +47,13 @@ audiences = ["{audience}"]
         ));
     }
     let proxy = Proxy::start(&toml).await;
-    let url = format!("{}/readyz", proxy.admin_url());
-    let url = &url;
-    eventually("keys loaded", DEADLINE, || async move { get(url).send().await.status == 200 }).await;
+    wait_ready(&proxy).await;
     Env { idp, up, proxy }
 }
 
 impl Env {
     async fn call(&self, path: &str, token: &str) -> Reply {
-        get(self.proxy.url(path)).header("authorization", format!("Bearer {token}")).send().await
+        get(self.proxy.url(path)).bearer(token).send().await
     }
 
     /// The subject the upstream was told, or the proxy's error code.
@@ -83,29 +67,17 @@ impl Env {
     }
 
     async fn revoke(&self, body: &Value) -> Reply {
-        post(format!("{}/revocations", self.proxy.admin_url()), body.to_string())
-            .header("content-type", "application/json")
-            .send()
-            .await
+        revoke(&self.proxy, body).await
     }
 
     async fn revocations(&self) -> Vec<Value> {
-        let reply = get(format!("{}/revocations", self.proxy.admin_url())).send().await;
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        reply.json().as_array().expect("GET /revocations answers a JSON array").clone()
+        revocations(&self.proxy).await
     }
 
     fn token(&self, sub: &str) -> (String, Value) {
         let claims = self.idp.claims(sub, 300);
         (sign("rsa1", &claims), claims)
     }
-}
-
-fn assert_revoked(reply: &Reply, what: &str) {
-    assert_eq!(reply.status, 401, "{what}: {}", reply.text());
-    reply.assert_error(401, "invalid_token");
-    let www = reply.header("www-authenticate").unwrap_or_default();
-    assert!(www.contains("error=\"invalid_token\""), "{what}: {www}");
 }
 
 // === revocation ===
@@ -123,8 +95,8 @@ async fn revoked_jti_is_refused_on_the_next_request() {
     assert_eq!(reply.json(), entry, "POST answers the stored entry");
 
     let forwarded = env.up.seen().len();
-    assert_revoked(&env.call("/orders/1", &token).await, "revoked jti");
-    assert_revoked(&env.call("/billing/1", &token).await, "revoked jti on another route");
+    assert_invalid_token(&env.call("/orders/1", &token).await, "revoked jti");
+    assert_invalid_token(&env.call("/billing/1", &token).await, "revoked jti on another route");
     assert_eq!(env.up.seen().len(), forwarded, "a revoked token reached the upstream");
     assert_eq!(env.who(&other).await, Ok("alice".into()), "another token of the same subject is fine");
 }
@@ -145,8 +117,8 @@ async fn revoked_subject_denies_only_tokens_issued_before_the_cutoff() {
     assert_eq!(reply.json()["sub"], "alice");
     assert_eq!(reply.json()["issued_before"], cutoff);
 
-    assert_revoked(&env.call("/orders/1", &alice1).await, "alice's cached token");
-    assert_revoked(&env.call("/orders/1", &alice2).await, "alice's other token");
+    assert_invalid_token(&env.call("/orders/1", &alice1).await, "alice's cached token");
+    assert_invalid_token(&env.call("/orders/1", &alice2).await, "alice's other token");
     assert_eq!(env.who(&bob).await, Ok("bob".into()), "other subjects are not affected");
     // A token issued at or after the cut-off (a new login) is accepted.
     let mut later = env.idp.claims("alice", 300);
@@ -155,7 +127,7 @@ async fn revoked_subject_denies_only_tokens_issued_before_the_cutoff() {
     // A token of that subject without `iat` cannot show it is newer.
     let mut undated = env.idp.claims("alice", 300);
     undated.as_object_mut().unwrap().remove("iat");
-    assert_revoked(&env.call("/orders/1", &sign("rsa1", &undated)).await, "alice without iat");
+    assert_invalid_token(&env.call("/orders/1", &sign("rsa1", &undated)).await, "alice without iat");
 }
 
 #[tokio::test]
@@ -222,7 +194,7 @@ async fn revoked_token_is_refused_even_though_its_check_is_cached() {
     let reply = env.revoke(&json!({"jti": claims["jti"], "exp": claims["exp"]})).await;
     assert_eq!(reply.status, 201);
     for i in 0..3 {
-        assert_revoked(&env.call("/orders/1", &token).await, &format!("cached + revoked, request {i}"));
+        assert_invalid_token(&env.call("/orders/1", &token).await, &format!("cached + revoked, request {i}"));
     }
 }
 
@@ -297,108 +269,42 @@ async fn everything_works_with_the_token_cache_disabled() {
 
 // === the cache across a configuration reload (the real binary, SIGHUP) ===
 
-/// `portcullis run` on its own config file, so the test can rewrite it and send SIGHUP.
-struct Binary {
-    child: tokio::process::Child,
-    http: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    config: std::path::PathBuf,
-    _dir: TempDir,
+fn binary_config(idp: &TestIdp, up: &Upstream, issuer: &str, algorithms: Vec<&str>) -> String {
+    let issuer =
+        idp.issuer_table().set("issuer", issuer).set("algorithms", algorithms).set("jwks_refresh", "1h");
+    let route = format!(
+        "[[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"{}\"\nissuer = \"main\"\n",
+        up.url()
+    );
+    Config::new().table(issuer).raw(&route).toml()
 }
 
-impl Binary {
-    async fn start(body: &str) -> Self {
-        let dir = TempDir::new();
-        let http: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let admin: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let config = dir.path().join("portcullis.toml");
-        write_config(&config, http, admin, body);
-        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn portcullis");
-        let b = Self { child, http, admin, config, _dir: dir };
-        eventually("the binary loaded its keys (/readyz 200)", DEADLINE, || async {
-            try_send(get(b.admin_url("/readyz"))).await.is_ok_and(|r| r.status == 200)
-        })
-        .await;
-        b
-    }
-
-    fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin)
-    }
-
-    async fn call(&self, token: &str) -> u16 {
-        let url = format!("http://{}/orders/1", self.http);
-        get(url).header("authorization", format!("Bearer {token}")).send().await.status.as_u16()
-    }
-
-    /// Rewrites the file, sends SIGHUP, and waits until one more reload succeeded.
-    async fn reload(&self, body: &str) {
-        let series = "portcullis_config_reloads_total{outcome=\"ok\"}";
-        let count = || async {
-            let text = get(self.admin_url("/metrics")).send().await.text();
-            text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse::<u64>().ok()).unwrap_or(0)
-        };
-        let before = count().await;
-        write_config(&self.config, self.http, self.admin, body);
-        let pid = self.child.id().expect("portcullis is running").to_string();
-        let status = std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap();
-        assert!(status.success());
-        eventually("the configuration reloaded", DEADLINE, || async { count().await > before }).await;
-    }
-}
-
-fn write_config(path: &std::path::Path, http: std::net::SocketAddr, admin: std::net::SocketAddr, body: &str) {
-    std::fs::write(path, format!("[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n{body}")).unwrap();
-}
-
-fn binary_config(idp: &TestIdp, up: &Upstream, issuer: &str, algorithms: &str) -> String {
-    format!(
-        r#"
-[[issuers]]
-name = "main"
-issuer = "{issuer}"
-jwks_url = "{jwks}"
-algorithms = {algorithms}
-jwks_refresh = "1h"
-
-[[routes]]
-name = "orders"
-path_prefix = "/orders"
-upstream = "{up}"
-issuer = "main"
-"#,
-        jwks = idp.jwks_url(),
-        up = up.url()
-    )
+async fn status(bin: &ProxyProcess, token: &str) -> u16 {
+    get(bin.url("/orders/1")).bearer(token).send().await.status.as_u16()
 }
 
 #[tokio::test]
 async fn reload_that_tightens_an_issuer_is_not_bypassed_by_the_token_cache() {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let bin = Binary::start(&binary_config(&idp, &up, &idp.issuer(), r#"["RS256", "EdDSA"]"#)).await;
+    let bin = ProxyProcess::start(&binary_config(&idp, &up, &idp.issuer(), vec!["RS256", "EdDSA"])).await;
+    wait_ready(&bin).await;
     let eddsa = sign("ed1", &idp.claims("alice", 300));
-    assert_eq!(bin.call(&eddsa).await, 200);
-    assert_eq!(bin.call(&eddsa).await, 200, "now cached");
+    assert_eq!(status(&bin, &eddsa).await, 200);
+    assert_eq!(status(&bin, &eddsa).await, 200, "now cached");
 
     // The operator withdraws EdDSA (same issuer name and jwks_url, so the key store is kept).
-    bin.reload(&binary_config(&idp, &up, &idp.issuer(), r#"["RS256"]"#)).await;
-    assert_eq!(bin.call(&sign("ed1", &idp.claims("bob", 300))).await, 401, "a fresh EdDSA token is refused");
-    assert_eq!(bin.call(&eddsa).await, 401, "a cached EdDSA token must be refused as well");
+    bin.reload(&binary_config(&idp, &up, &idp.issuer(), vec!["RS256"])).await;
+    assert_eq!(
+        status(&bin, &sign("ed1", &idp.claims("bob", 300))).await,
+        401,
+        "a fresh EdDSA token is refused"
+    );
+    assert_eq!(status(&bin, &eddsa).await, 401, "a cached EdDSA token must be refused as well");
 
     // The operator changes the required `iss`.
     let rs256 = sign("rsa1", &idp.claims("carol", 300));
-    assert_eq!(bin.call(&rs256).await, 200);
-    bin.reload(&binary_config(&idp, &up, "https://new-issuer.example.com", r#"["RS256"]"#)).await;
-    assert_eq!(bin.call(&rs256).await, 401, "a cached token with the old iss must be refused");
+    assert_eq!(status(&bin, &rs256).await, 200);
+    bin.reload(&binary_config(&idp, &up, "https://new-issuer.example.com", vec!["RS256"])).await;
+    assert_eq!(status(&bin, &rs256).await, 401, "a cached token with the old iss must be refused");
 }

@@ -6,30 +6,25 @@
 //! neither opens access nor logs anyone out (and nothing posted meanwhile is
 //! lost), Redis holds no token in clear, and `/readyz` waits for the shared list.
 //!
-//! Every test starts its own `redis-server` (see `tests/redis/mod.rs`); without
+//! Every test starts its own `redis-server` (see `kit/redis.rs`); without
 //! Debian's `redis-server` installed they fail, they do not skip.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod idp;
-#[path = "redis/mod.rs"]
-mod redis_server;
-mod support;
-
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use idp::{Outage, TestIdp, CLIENT_SECRET};
-use redis_server::{RedisServer, SlowLink};
-use serde_json::{json, Value};
-use support::{eventually, get, post, try_send, Proxy, ProxyProcess, Reply, Req, Upstream, DEADLINE};
+use serde_json::json;
+
+use crate::kit::idp::CLIENT_SECRET;
+use crate::kit::session::{
+    api, b64_key, claims, env_with_keys, forwarded_token, last_refresh_token, login, refresh_now, refreshes,
+    set_cookies, token_calls, Jar, ACCESS, REFRESH,
+};
+use crate::kit::*;
 
 const COOKIE_KEY: [u8; 32] = [0x5C; 32];
-const ACCESS: &str = "portcullis-access";
-const REFRESH: &str = "portcullis-refresh";
 const PREFIX: &str = "test:";
 /// `[auth_server] timeout` in [`config`].
 const AUTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -40,66 +35,23 @@ const PROPAGATION: Duration = Duration::from_secs(1);
 
 /// The configuration every instance runs: same Redis, same cookie key, same IdP.
 fn config(idp: &TestIdp, up: &Upstream, redis_url: &str) -> String {
-    format!(
-        r#"
-[[issuers]]
-name = "main"
-issuer = "{iss}"
-jwks_url = "{jwks}"
-
-[auth_server]
-token_url = "{token}"
-login_url = "{login}"
-revocation_url = "{revoke}"
-client_id = "edge"
-client_secret_env = "CLIENT_SECRET"
-timeout = "{timeout}s"
-
-[session]
-cookie_key_env = "COOKIE_KEY"
-secure = false
-refresh_ahead = "30s"
-refresh_grace = "30s"
-
-[state]
-redis_url = "{redis_url}"
-key_prefix = "{PREFIX}"
-
-[[routes]]
-name = "api"
-path_prefix = "/api"
-upstream = "{up}"
-issuer = "main"
-"#,
-        iss = idp.issuer(),
-        jwks = idp.jwks_url(),
-        token = idp.token_url(),
-        login = idp.login_url(),
-        revoke = idp.revoke_url(),
-        timeout = AUTH_TIMEOUT.as_secs(),
-        up = up.url(),
-    )
-}
-
-fn cookie_key_b64() -> String {
-    base64::engine::general_purpose::STANDARD.encode(COOKIE_KEY)
-}
-
-fn env_map() -> HashMap<String, String> {
-    HashMap::from([
-        ("CLIENT_SECRET".to_owned(), CLIENT_SECRET.to_owned()),
-        ("COOKIE_KEY".to_owned(), cookie_key_b64()),
-    ])
+    Config::new()
+        .table(idp.issuer_table())
+        .table(idp.auth_server_table().set("timeout", format!("{}s", AUTH_TIMEOUT.as_secs())))
+        .table(session_table().set("refresh_ahead", "30s").set("refresh_grace", "30s"))
+        .table(Table::new("[state]").set("redis_url", redis_url).set("key_prefix", PREFIX))
+        .table(api_route(up))
+        .toml()
 }
 
 /// One instance in this process.
 async fn instance(idp: &TestIdp, up: &Upstream, redis_url: &str) -> Proxy {
-    Proxy::start_with(&config(idp, up, redis_url), &env_map(), Path::new(".")).await
+    Proxy::start_with(&config(idp, up, redis_url), &env_with_keys(&[COOKIE_KEY]), Path::new(".")).await
 }
 
 /// One instance as a real process (it can be SIGKILLed; its log can be read).
 async fn instance_process(idp: &TestIdp, up: &Upstream, redis_url: &str) -> ProxyProcess {
-    let key = cookie_key_b64();
+    let key = b64_key(&COOKIE_KEY);
     let env = [("CLIENT_SECRET", CLIENT_SECRET), ("COOKIE_KEY", key.as_str()), ("PORTCULLIS_LOG", "info")];
     ProxyProcess::start_with_env(&config(idp, up, redis_url), &env).await
 }
@@ -123,12 +75,12 @@ async fn fleet() -> Fleet {
     let proxy_b = instance(&idp, &up, &redis.url()).await;
     let a = Node::of("A", &proxy_a);
     let b = Node::of("B", &proxy_b);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
     Fleet { idp, up, redis, _proxies: [proxy_a, proxy_b], a, b }
 }
 
-/// Where to reach one instance, in process or not.
+/// Where to reach one instance, in process or not; cheap to clone into tasks.
 #[derive(Clone, Debug)]
 struct Node {
     name: &'static str,
@@ -136,80 +88,32 @@ struct Node {
     admin: String,
 }
 
+impl Instance for Node {
+    fn http_url(&self) -> String {
+        self.http.clone()
+    }
+
+    fn admin_url(&self) -> String {
+        self.admin.clone()
+    }
+}
+
 impl Node {
-    fn of(name: &'static str, p: &Proxy) -> Self {
+    fn of(name: &'static str, p: &impl Instance) -> Self {
         Self { name, http: p.http_url(), admin: p.admin_url() }
     }
 
-    fn of_process(name: &'static str, p: &ProxyProcess) -> Self {
-        Self { name, http: format!("http://{}", p.http), admin: format!("http://{}", p.admin) }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.http)
-    }
-
-    async fn readyz(&self) -> Reply {
-        get(format!("{}/readyz", self.admin)).send().await
-    }
-
-    /// Waits until `/readyz` is 200: keys loaded and the shared revocation list loaded.
-    async fn wait_ready(&self) {
-        let what = format!("instance {} is ready", self.name);
-        eventually(&what, DEADLINE, || async { self.readyz().await.status == 200 }).await;
-    }
-
     async fn bearer(&self, token: &str) -> Reply {
-        get(self.url("/api/orders")).header("authorization", format!("Bearer {token}")).send().await
+        get(self.url("/api/orders")).bearer(token).send().await
     }
 
     fn api_req(&self, jar: &Jar, path: &str) -> Req {
         jar.on(get(self.url(path)))
     }
 
-    async fn api(&self, jar: &Jar) -> Reply {
-        self.api_req(jar, "/api/orders").send().await
-    }
-
     /// Passthrough login from this instance's own origin.
     async fn login(&self, user: &str) -> Jar {
-        let body = json!({"username": user, "password": "correct horse"}).to_string();
-        let reply = post(self.url("/auth/login"), body)
-            .header("content-type", "application/json")
-            .header("origin", &self.http)
-            .send()
-            .await;
-        assert_eq!(reply.status, 200, "login on {} failed: {}", self.name, reply.text());
-        let jar = Jar::default().after(&reply);
-        assert!(jar.holds(ACCESS) && jar.holds(REFRESH), "login set {:?}", jar.0.keys().collect::<Vec<_>>());
-        jar
-    }
-
-    async fn revoke(&self, entry: &Value) -> Reply {
-        post(format!("{}/revocations", self.admin), entry.to_string())
-            .header("content-type", "application/json")
-            .send()
-            .await
-    }
-
-    async fn revocations(&self) -> Vec<Value> {
-        let reply = get(format!("{}/revocations", self.admin)).send().await;
-        assert_eq!(reply.status, 200, "{}", reply.text());
-        reply.json().as_array().expect("GET /revocations answers a JSON array").clone()
-    }
-
-    /// The value of the metric line starting with `series` (e.g.
-    /// `portcullis_refreshes_total{outcome="grace"}`), 0 when absent.
-    async fn metric(&self, series: &str) -> f64 {
-        let text = get(format!("{}/metrics", self.admin)).send().await.text();
-        let prefix = format!("{series} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .map_or(0.0, |v| v.trim().parse().unwrap_or_else(|_| panic!("metric value {v:?}")))
-    }
-
-    async fn refreshes(&self, outcome: &str) -> f64 {
-        self.metric(&format!("portcullis_refreshes_total{{outcome=\"{outcome}\"}}")).await
+        login(self, user).await.1
     }
 }
 
@@ -224,29 +128,6 @@ async fn session_needing_refresh(idp: &TestIdp, node: &Node, user: &str) -> Jar 
     jar
 }
 
-fn token_calls(idp: &TestIdp) -> usize {
-    idp.token_calls.load(Ordering::SeqCst)
-}
-
-/// The refresh token the proxy sent in the last token request.
-fn last_refresh_token(idp: &TestIdp) -> String {
-    idp.last_token_form().get("refresh_token").cloned().expect("the last token request had a refresh_token")
-}
-
-/// The (unverified) payload of a JWT.
-fn jwt_claims(token: &str) -> Value {
-    let payload = token.split('.').nth(1).expect("a JWT has a payload");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url payload");
-    serde_json::from_slice(&bytes).expect("JSON payload")
-}
-
-/// The bearer token the upstream received.
-fn forwarded_token(reply: &Reply) -> String {
-    let echo = reply.echo();
-    let auth = echo.header("authorization").unwrap_or_else(|| panic!("no Authorization upstream: {echo:?}"));
-    auth.strip_prefix("Bearer ").unwrap_or_else(|| panic!("not a bearer: {auth}")).to_owned()
-}
-
 fn sha256_hex(s: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
         .as_ref()
@@ -255,104 +136,21 @@ fn sha256_hex(s: &str) -> String {
         .collect()
 }
 
-fn assert_revoked(reply: &Reply, what: &str) {
-    assert_eq!(reply.status, 401, "{what}: {}", reply.text());
-    reply.assert_error(401, "invalid_token");
-}
-
-// === cookies ===
-
-#[derive(Debug, Clone)]
-struct SetCookie {
-    name: String,
-    value: String,
-    raw: String,
-}
-
-impl SetCookie {
-    fn is_deletion(&self) -> bool {
-        self.value.is_empty() || self.raw.to_ascii_lowercase().contains("max-age=0")
-    }
-}
-
-fn set_cookies(reply: &Reply) -> Vec<SetCookie> {
-    reply
-        .headers
-        .get_all("set-cookie")
-        .iter()
-        .map(|v| {
-            let raw = v.to_str().expect("Set-Cookie is ASCII").to_owned();
-            let first = raw.split(';').next().unwrap_or("");
-            let (name, value) = first.split_once('=').expect("name=value");
-            SetCookie { name: name.trim().to_owned(), value: value.trim().to_owned(), raw: raw.clone() }
-        })
-        .collect()
-}
-
 /// Asserts the answer sets (not deletes) logical cookie `name` (whole or chunked).
 fn assert_set(reply: &Reply, name: &str) {
     let chunk = format!("{name}.");
-    let all: Vec<SetCookie> =
+    let all: Vec<_> =
         set_cookies(reply).into_iter().filter(|c| c.name == name || c.name.starts_with(&chunk)).collect();
     assert!(!all.is_empty(), "no Set-Cookie for {name}; got {:?}", set_cookies(reply));
     assert!(all.iter().all(|c| !c.is_deletion()), "{name} is deleted, expected a value: {all:?}");
 }
 
-/// Cookies a browser would hold for the fleet's origin.
-#[derive(Debug, Clone, Default)]
-struct Jar(BTreeMap<String, String>);
-
-impl Jar {
-    fn absorb(&mut self, reply: &Reply) {
-        for c in set_cookies(reply) {
-            if c.is_deletion() {
-                self.0.remove(&c.name);
-            } else {
-                self.0.insert(c.name, c.value);
-            }
-        }
-    }
-
-    fn after(mut self, reply: &Reply) -> Self {
-        self.absorb(reply);
-        self
-    }
-
-    fn holds(&self, name: &str) -> bool {
-        self.0.contains_key(name) || self.0.contains_key(&format!("{name}.0"))
-    }
-
-    fn values(&self) -> Vec<String> {
-        self.0.values().cloned().collect()
-    }
-
-    fn on(&self, req: Req) -> Req {
-        if self.0.is_empty() {
-            return req;
-        }
-        let header = self.0.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join("; ");
-        req.header("cookie", header)
-    }
-}
-
-/// Sends `n` cookie requests at once, request `i` to `nodes[i % nodes.len()]`.
+/// Sends `n` cookie requests at once, request `i` to `nodes[i % nodes.len()]`;
+/// each answer comes with the name of the node that gave it.
 async fn storm(nodes: &[Node], jar: &Jar, n: usize) -> Vec<(String, Reply)> {
-    let start = Arc::new(tokio::sync::Barrier::new(n));
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let node = nodes[i % nodes.len()].clone();
-        let req = node.api_req(jar, &format!("/api/orders/{i}"));
-        let start = start.clone();
-        tasks.push(tokio::spawn(async move {
-            start.wait().await;
-            (node.name.to_owned(), req.send().await)
-        }));
-    }
-    let mut out = Vec::with_capacity(n);
-    for t in tasks {
-        out.push(t.await.expect("storm request task"));
-    }
-    out
+    let node = |i: usize| &nodes[i % nodes.len()];
+    let reqs = (0..n).map(|i| node(i).api_req(jar, &format!("/api/orders/{i}"))).collect();
+    send_together(reqs).await.into_iter().enumerate().map(|(i, r)| (node(i).name.to_owned(), r)).collect()
 }
 
 /// `{"A 200": 250, "B 401 session_expired": 3, …}`
@@ -394,12 +192,12 @@ async fn a_revocation_posted_to_one_instance_denies_the_token_on_the_others_with
     // --- by jti, posted to A, enforced on B ---
     let token = f.idp.access_token("alice", 300);
     let sibling = f.idp.access_token("alice", 300);
-    let c = jwt_claims(&token);
+    let c = claims(&token);
     for n in [a, b] {
         assert_eq!(n.bearer(&token).await.status, 200, "{} accepts the token before", n.name);
     }
     let entry = json!({"jti": c["jti"], "exp": c["exp"]});
-    let r = a.revoke(&entry).await;
+    let r = revoke(a, &entry).await;
     assert_eq!(r.status, 201, "{}", r.text());
     let posted = Instant::now();
     eventually("B denies the jti revoked on A", PROPAGATION, || async {
@@ -407,10 +205,10 @@ async fn a_revocation_posted_to_one_instance_denies_the_token_on_the_others_with
     })
     .await;
     let jti_took = posted.elapsed();
-    assert_revoked(&b.bearer(&token).await, "B, revoked jti");
-    assert_revoked(&a.bearer(&token).await, "A, revoked jti");
+    assert_invalid_token(&b.bearer(&token).await, "B, revoked jti");
+    assert_invalid_token(&a.bearer(&token).await, "A, revoked jti");
     assert_eq!(b.bearer(&sibling).await.status, 200, "only that jti is denied");
-    assert!(b.revocations().await.contains(&entry), "B lists the entry: {:?}", b.revocations().await);
+    assert!(revocations(b).await.contains(&entry), "B lists the entry: {:?}", revocations(b).await);
 
     // Stored under a hash of the jti, forgotten when the token would have expired anyway.
     let key = format!("{PREFIX}rev:jti:{}", sha256_hex(c["jti"].as_str().expect("jti")));
@@ -424,7 +222,7 @@ async fn a_revocation_posted_to_one_instance_denies_the_token_on_the_others_with
     let carol = f.idp.access_token("carol", 300);
     assert_eq!(a.bearer(&bob).await.status, 200);
     let cut = idp::now() + 1;
-    let r = b.revoke(&json!({"sub": "bob", "issued_before": cut})).await;
+    let r = revoke(b, &json!({"sub": "bob", "issued_before": cut})).await;
     assert_eq!(r.status, 201, "{}", r.text());
     let posted = Instant::now();
     eventually("A denies bob's token after the sub revocation on B", PROPAGATION, || async {
@@ -432,9 +230,9 @@ async fn a_revocation_posted_to_one_instance_denies_the_token_on_the_others_with
     })
     .await;
     let sub_took = posted.elapsed();
-    assert_revoked(&a.bearer(&bob).await, "A, revoked sub");
+    assert_invalid_token(&a.bearer(&bob).await, "A, revoked sub");
     assert_eq!(a.bearer(&carol).await.status, 200, "other subjects pass");
-    let listed = a.revocations().await;
+    let listed = revocations(a).await;
     assert!(
         listed.iter().any(|e| e["sub"] == "bob" && e["issued_before"] == cut),
         "A lists the sub entry: {listed:?}"
@@ -444,11 +242,11 @@ async fn a_revocation_posted_to_one_instance_denies_the_token_on_the_others_with
     // --- an instance that starts later loads the full list before it is ready ---
     let proxy_c = instance(&f.idp, &f.up, &f.redis.url()).await;
     let cn = Node::of("C", &proxy_c);
-    cn.wait_ready().await;
-    assert_revoked(&cn.bearer(&token).await, "C (started later), revoked jti");
-    assert_revoked(&cn.bearer(&bob).await, "C (started later), revoked sub");
+    wait_ready(&cn).await;
+    assert_invalid_token(&cn.bearer(&token).await, "C (started later), revoked jti");
+    assert_invalid_token(&cn.bearer(&bob).await, "C (started later), revoked sub");
     assert_eq!(cn.bearer(&carol).await.status, 200);
-    assert!(cn.revocations().await.contains(&entry));
+    assert!(revocations(&cn).await.contains(&entry));
 }
 
 // === 2. refresh storm over the fleet ===
@@ -470,12 +268,9 @@ async fn storm_over_the_fleet(slow: Option<Duration>) {
     let token = assert_storm_shared_one_refresh(&replies);
     assert_eq!(token_calls(&f.idp) - before, 1, "exactly one call to token_url for the whole fleet");
     assert!(!f.idp.family_revoked(&last_refresh_token(&f.idp)), "the refresh-token family is not revoked");
-    assert!(
-        jwt_claims(&token)["exp"].as_i64().expect("exp") >= idp::now() + 200,
-        "the NEW token went upstream"
-    );
-    let rotated = f.a.refreshes("rotated").await + f.b.refreshes("rotated").await;
-    assert_eq!(rotated, 1.0, "one instance made the call");
+    assert!(claims(&token)["exp"].as_i64().expect("exp") >= idp::now() + 200, "the NEW token went upstream");
+    let rotated = refreshes(&f.a, "rotated").await + refreshes(&f.b, "rotated").await;
+    assert_eq!(rotated, 1, "one instance made the call");
     // Both instances got requests, so both took part.
     for name in ["A", "B"] {
         assert!(replies.iter().any(|(n, _)| n == name));
@@ -485,7 +280,7 @@ async fn storm_over_the_fleet(slow: Option<Duration>) {
     f.idp.set_outage(Outage::None);
     let next = jar.clone().after(&replies[replies.len() / 2].1);
     for n in [&f.a, &f.b] {
-        let r = n.api(&next).await;
+        let r = api(n, &next).await;
         assert_eq!(r.status, 200, "{}: {}", n.name, r.text());
     }
     assert_eq!(token_calls(&f.idp) - before, 1);
@@ -515,8 +310,8 @@ async fn the_lock_released_between_check_and_take_does_not_cause_a_second_call()
     let proxy_a = instance(&idp, &up, &redis.url()).await;
     let proxy_b = instance(&idp, &up, &slow.url()).await;
     let (a, b) = (Node::of("A", &proxy_a), Node::of("B", &proxy_b));
-    a.wait_ready().await;
-    b.wait_ready().await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
 
     let jar = session_needing_refresh(&idp, &a, "alice").await;
     let before = token_calls(&idp);
@@ -528,7 +323,7 @@ async fn the_lock_released_between_check_and_take_does_not_cause_a_second_call()
     })
     .await;
     // B's `SET lock NX` is now at least 250 ms away from Redis: A refreshes meanwhile.
-    let on_a = a.api(&jar).await;
+    let on_a = api(&a, &jar).await;
     assert_eq!(on_a.status, 200, "{}", on_a.text());
     assert_eq!(token_calls(&idp) - before, 1, "A refreshed");
     let on_b = to_b.await.expect("request task");
@@ -548,7 +343,7 @@ async fn the_old_refresh_cookie_yields_the_new_pair_on_another_instance_during_g
     let jar = session_needing_refresh(&f.idp, &f.a, "alice").await;
     let before = token_calls(&f.idp);
 
-    let on_a = f.a.api(&jar).await;
+    let on_a = api(&f.a, &jar).await;
     assert_eq!(on_a.status, 200, "{}", on_a.text());
     assert_set(&on_a, ACCESS);
     assert_set(&on_a, REFRESH);
@@ -556,17 +351,17 @@ async fn the_old_refresh_cookie_yields_the_new_pair_on_another_instance_during_g
     assert_eq!(token_calls(&f.idp) - before, 1, "A refreshed");
 
     // The same (now rotated) cookies on B: the new pair, no second call.
-    let on_b = f.b.api(&jar).await;
+    let on_b = api(&f.b, &jar).await;
     assert_eq!(on_b.status, 200, "{}", on_b.text());
     assert_set(&on_b, ACCESS);
     assert_set(&on_b, REFRESH);
     assert_eq!(forwarded_token(&on_b), new_token, "B forwarded the token A obtained");
     assert_eq!(token_calls(&f.idp) - before, 1, "no second call (the server would see a reuse)");
-    assert_eq!(f.b.refreshes("grace").await, 1.0);
-    assert_eq!(f.b.refreshes("rotated").await, 0.0);
+    assert_eq!(refreshes(&f.b, "grace").await, 1);
+    assert_eq!(refreshes(&f.b, "rotated").await, 0);
 
     // The refresh endpoint on B with the old cookies too.
-    let r = jar.on(post(f.b.url("/auth/refresh"), "")).header("origin", &f.b.http).send().await;
+    let r = refresh_now(&f.b, &jar).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_set(&r, REFRESH);
     assert_eq!(token_calls(&f.idp) - before, 1);
@@ -574,7 +369,7 @@ async fn the_old_refresh_cookie_yields_the_new_pair_on_another_instance_during_g
     // Either answer's cookies work everywhere (the new token lives 300 s: no call).
     for cookies in [jar.clone().after(&on_a), jar.clone().after(&on_b)] {
         for n in [&f.a, &f.b] {
-            let r = n.api(&cookies).await;
+            let r = api(n, &cookies).await;
             assert_eq!(r.status, 200, "{}: {}", n.name, r.text());
             assert_eq!(forwarded_token(&r), new_token);
         }
@@ -594,10 +389,10 @@ async fn lock_holder_killed(within: Duration) {
     let redis = RedisServer::start().await;
     let mut proc_a = instance_process(&idp, &up, &redis.url()).await;
     let proxy_b = instance(&idp, &up, &redis.url()).await;
-    let a = Node::of_process("A", &proc_a);
+    let a = Node::of("A", &proc_a);
     let b = Node::of("B", &proxy_b);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
 
     let jar = session_needing_refresh(&idp, &b, "alice").await;
     idp.set_rotation(false); // a second call with the same token is legitimate
@@ -616,7 +411,7 @@ async fn lock_holder_killed(within: Duration) {
     assert!(a_result.is_err(), "A died mid-request: {a_result:?}");
 
     let started = Instant::now();
-    let r = b.api(&jar).await;
+    let r = api(&b, &jar).await;
     let took = started.elapsed();
     eprintln!(
         "B answered {} after the lock holder died, in {took:?} (token_url calls: {})",
@@ -635,7 +430,7 @@ async fn lock_holder_killed(within: Duration) {
     // The session carries on: asking again yields the new pair.
     idp.set_outage(Outage::None);
     eventually("B hands out the new pair", DEADLINE, || async {
-        let r = b.api(&jar).await;
+        let r = api(&b, &jar).await;
         r.status == 200 && set_cookies(&r).iter().any(|c| c.name == ACCESS && !c.is_deletion())
     })
     .await;
@@ -672,17 +467,17 @@ async fn losing_redis_opens_nothing_logs_nobody_out_and_loses_no_revocation() {
     let port = redis.port();
     let proc_a = instance_process(&idp, &up, &redis.url()).await;
     let proc_b = instance_process(&idp, &up, &redis.url()).await;
-    let a = Node::of_process("A", &proc_a);
-    let b = Node::of_process("B", &proc_b);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let a = Node::of("A", &proc_a);
+    let b = Node::of("B", &proc_b);
+    wait_ready(&a).await;
+    wait_ready(&b).await;
 
     // Known before the outage: a revoked token, and one session per instance.
     let valid = idp.access_token("bob", 300);
     let known = idp.access_token("carol", 300);
     let later = idp.access_token("dave", 300);
-    let kc = jwt_claims(&known);
-    assert_eq!(a.revoke(&json!({"jti": kc["jti"], "exp": kc["exp"]})).await.status, 201);
+    let kc = claims(&known);
+    assert_eq!(revoke(&a, &json!({"jti": kc["jti"], "exp": kc["exp"]})).await.status, 201);
     eventually("B learns the revocation", DEADLINE, || async { b.bearer(&known).await.status == 401 }).await;
     let jar_a = session_needing_refresh(&idp, &a, "alice").await;
     let jar_b = session_needing_refresh(&idp, &b, "erin").await;
@@ -712,7 +507,7 @@ async fn losing_redis_opens_nothing_logs_nobody_out_and_loses_no_revocation() {
     redis.stop();
     // Right away, before the instances may have noticed: cookie refresh still works.
     let before = token_calls(&idp);
-    let r = a.api(&jar_a).await;
+    let r = api(&a, &jar_a).await;
     assert_eq!(r.status, 200, "refresh on A just after Redis died: {}", r.text());
     assert_eq!(token_calls(&idp) - before, 1);
     let jar_a = jar_a.after(&r);
@@ -725,8 +520,11 @@ async fn losing_redis_opens_nothing_logs_nobody_out_and_loses_no_revocation() {
     // --- the outage ---
     for n in [&a, &b] {
         assert_eq!(n.bearer(&valid).await.status, 200, "{} accepts a valid token", n.name);
-        assert_revoked(&n.bearer(&known).await, &format!("{}: a revocation known before stays", n.name));
-        let r = n.readyz().await;
+        assert_invalid_token(
+            &n.bearer(&known).await,
+            &format!("{}: a revocation known before stays", n.name),
+        );
+        let r = readyz(n).await;
         assert_eq!(r.status, 200, "{} stays ready (it carries on alone): {}", n.name, r.text());
     }
     // Each instance refreshes on its own: one call per instance, everyone gets 200.
@@ -742,10 +540,10 @@ async fn losing_redis_opens_nothing_logs_nobody_out_and_loses_no_revocation() {
         assert!(!idp.family_revoked(&last_refresh_token(&idp)));
     }
     let before = token_calls(&idp);
-    let r = b.api(&jar_b).await;
+    let r = api(&b, &jar_b).await;
     assert_eq!(r.status, 200, "refresh on B during the outage: {}", r.text());
     assert_eq!(token_calls(&idp) - before, 1);
-    let r = a.api(&jar_a).await; // refreshed above: no call
+    let r = api(&a, &jar_a).await; // refreshed above: no call
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(token_calls(&idp) - before, 1);
 
@@ -766,14 +564,14 @@ async fn losing_redis_opens_nothing_logs_nobody_out_and_loses_no_revocation() {
     idp.set_rotation(true);
 
     // A revocation posted to A meanwhile: A enforces it at once; B cannot know yet.
-    let lc = jwt_claims(&later);
+    let lc = claims(&later);
     let later_entry = json!({"jti": lc["jti"], "exp": lc["exp"]});
-    let r = a.revoke(&later_entry).await;
+    let r = revoke(&a, &later_entry).await;
     assert_eq!(r.status, 201, "revocations are accepted during the outage: {}", r.text());
-    assert_revoked(&a.bearer(&later).await, "A, revoked during the outage");
+    assert_invalid_token(&a.bearer(&later).await, "A, revoked during the outage");
     assert_eq!(b.bearer(&later).await.status, 200, "B cannot know it while Redis is away");
     for n in [&a, &b] {
-        assert!(n.metric("portcullis_state_errors_total").await > 0.0, "{} counts the failures", n.name);
+        assert!(metric(n, "portcullis_state_errors_total").await > 0.0, "{} counts the failures", n.name);
     }
 
     // --- Redis returns (empty, same port) ---
@@ -784,11 +582,11 @@ async fn losing_redis_opens_nothing_logs_nobody_out_and_loses_no_revocation() {
     })
     .await;
     eprintln!("revocation queued during the outage reached B {:?} after Redis returned", restarted.elapsed());
-    assert!(b.revocations().await.contains(&later_entry));
+    assert!(revocations(&b).await.contains(&later_entry));
     let key = format!("{PREFIX}rev:jti:{}", sha256_hex(lc["jti"].as_str().expect("jti")));
     assert_eq!(redis.keys(&key).await, vec![key.clone()], "written to Redis when it returned");
     for n in [&a, &b] {
-        assert_revoked(&n.bearer(&known).await, &format!("{}: still denied after the outage", n.name));
+        assert_invalid_token(&n.bearer(&known).await, &format!("{}: still denied after the outage", n.name));
     }
 
     stop.store(true, Ordering::SeqCst);
@@ -815,8 +613,8 @@ async fn revocations_survive_a_redis_that_returns_empty() {
     let mut f = fleet().await;
     let port = f.redis.port();
     let revoked = f.idp.access_token("carol", 300);
-    let c = jwt_claims(&revoked);
-    assert_eq!(f.a.revoke(&json!({"jti": c["jti"], "exp": c["exp"]})).await.status, 201);
+    let c = claims(&revoked);
+    assert_eq!(revoke(&f.a, &json!({"jti": c["jti"], "exp": c["exp"]})).await.status, 201);
     eventually("B learns the revocation", DEADLINE, || async { f.b.bearer(&revoked).await.status == 401 })
         .await;
 
@@ -824,21 +622,21 @@ async fn revocations_survive_a_redis_that_returns_empty() {
     f.redis = RedisServer::start_on(port).await;
     // Both instances are back on Redis once a new revocation travels A → B again.
     let probe = f.idp.access_token("probe", 300);
-    let pc = jwt_claims(&probe);
+    let pc = claims(&probe);
     eventually("A and B use Redis again", DEADLINE, || async {
-        f.a.revoke(&json!({"jti": pc["jti"], "exp": pc["exp"]})).await;
+        revoke(&f.a, &json!({"jti": pc["jti"], "exp": pc["exp"]})).await;
         f.b.bearer(&probe).await.status == 401
     })
     .await;
     for n in [&f.a, &f.b] {
-        assert_revoked(&n.bearer(&revoked).await, &format!("{} keeps its revocation", n.name));
+        assert_invalid_token(&n.bearer(&revoked).await, &format!("{} keeps its revocation", n.name));
     }
 
     let proxy_c = instance(&f.idp, &f.up, &f.redis.url()).await;
     let cn = Node::of("C", &proxy_c);
-    cn.wait_ready().await;
-    assert_revoked(&cn.bearer(&probe).await, "C, revoked after the restart");
-    assert_revoked(&cn.bearer(&revoked).await, "C, revoked before Redis restarted empty");
+    wait_ready(&cn).await;
+    assert_invalid_token(&cn.bearer(&probe).await, "C, revoked after the restart");
+    assert_invalid_token(&cn.bearer(&revoked).await, "C, revoked before Redis restarted empty");
 }
 
 // === 6. nothing secret in Redis ===
@@ -897,9 +695,9 @@ async fn redis_holds_no_token_in_clear() {
     for (_, r) in &replies {
         secrets.extend(set_cookies(r).into_iter().map(|c| c.value));
     }
-    let c = jwt_claims(&token);
-    assert_eq!(f.b.revoke(&json!({"jti": c["jti"], "exp": c["exp"]})).await.status, 201);
-    assert_eq!(f.a.revoke(&json!({"sub": "alice", "issued_before": idp::now()})).await.status, 201);
+    let c = claims(&token);
+    assert_eq!(revoke(&f.b, &json!({"jti": c["jti"], "exp": c["exp"]})).await.status, 201);
+    assert_eq!(revoke(&f.a, &json!({"sub": "alice", "issued_before": idp::now()})).await.status, 201);
 
     let keys = assert_no_secret_in_redis(&f.redis, &secrets).await;
     let outcome: Vec<&String> = keys.iter().filter(|k| k.starts_with(&format!("{PREFIX}refresh:"))).collect();
@@ -920,7 +718,7 @@ async fn redis_holds_no_token_in_clear() {
 async fn readyz_waits_until_the_shared_revocation_list_is_loaded() {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let port = support::free_port();
+    let port = free_port();
     let proxy = instance(&idp, &up, &format!("redis://127.0.0.1:{port}/0")).await;
     let n = Node::of("A", &proxy);
 
@@ -929,10 +727,10 @@ async fn readyz_waits_until_the_shared_revocation_list_is_loaded() {
     eventually("A serves with the IdP's keys", DEADLINE, || async { n.bearer(&token).await.status == 200 })
         .await;
     // ...but it is not ready: the shared revocation list is not loaded.
-    let r = n.readyz().await;
+    let r = readyz(&n).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("revocation"), "says why: {}", r.text());
 
     let _redis = RedisServer::start_on(port).await;
-    eventually("A is ready once Redis is up", DEADLINE, || async { n.readyz().await.status == 200 }).await;
+    eventually("A is ready once Redis is up", DEADLINE, || async { readyz(&n).await.status == 200 }).await;
 }

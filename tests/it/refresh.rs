@@ -2,25 +2,16 @@
 //! "Transparent refresh", "Concurrency" (grace), "Refresh outcomes",
 //! "Endpoints"), client authentication at the token endpoint (SPEC §3
 //! `[auth_server] client_auth`), and `absolute_timeout`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod idp;
-#[allow(dead_code)]
-mod kit;
-mod support;
 
 use std::time::Duration;
 
+use crate::kit::session::*;
+use crate::kit::*;
 use base64::Engine as _;
-use idp::{Outage, TestIdp};
-use kit::*;
-use support::{Upstream, DEADLINE};
 
 /// A session whose access token needs refresh on every request (ttl 10 s <= refresh_ahead 30 s).
-async fn short_session(o: &Opts) -> (TestIdp, Upstream, support::Proxy, Jar) {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, o).await;
+async fn short_session(o: &Opts) -> (TestIdp, Upstream, Proxy, Jar) {
+    let (idp, up, proxy) = setup(o).await;
     idp.set_access_ttl(10);
     let (_, jar) = login(&proxy, "alice").await;
     (idp, up, proxy, jar)
@@ -36,7 +27,7 @@ async fn expiring_access_token_is_refreshed_transparently() {
     let token = forwarded_token(&r);
     let c = claims(&token);
     assert_eq!(c["sub"], "alice");
-    assert!(c["exp"].as_i64().unwrap() >= now() + 200, "the upstream got the NEW token (ttl 300): {c}");
+    assert!(c["exp"].as_i64().unwrap() >= idp::now() + 200, "the upstream got the NEW token (ttl 300): {c}");
     assert_eq!(token_calls(&idp), 1);
     let form = idp.last_token_form();
     assert_eq!(form.get("grant_type").map(String::as_str), Some("refresh_token"));
@@ -57,15 +48,13 @@ async fn expiring_access_token_is_refreshed_transparently() {
 
 #[tokio::test]
 async fn expired_access_token_is_refreshed() {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, &Opts::default()).await;
+    let (idp, _up, proxy) = setup(&Opts::default()).await;
     // Expired well beyond the default 30 s leeway.
     idp.set_access_ttl(-120);
     let (_, jar) = login(&proxy, "alice").await;
     idp.set_access_ttl(300);
     let r = api(&proxy, &jar).await;
-    assert!(claims(&forwarded_token(&r))["exp"].as_i64().unwrap() > now());
+    assert!(claims(&forwarded_token(&r))["exp"].as_i64().unwrap() > idp::now());
     assert_eq!(token_calls(&idp), 1);
     assert_set(&r, ACCESS);
     assert_set(&r, REFRESH);
@@ -73,9 +62,7 @@ async fn expired_access_token_is_refreshed() {
 
 #[tokio::test]
 async fn missing_access_cookie_with_a_refresh_cookie_is_refreshed() {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, &Opts::default()).await;
+    let (idp, _up, proxy) = setup(&Opts::default()).await;
     let (_, jar) = login(&proxy, "alice").await; // ttl 300: no refresh needed
     let jar = jar.without(ACCESS);
     let r = api(&proxy, &jar).await;
@@ -87,7 +74,7 @@ async fn missing_access_cookie_with_a_refresh_cookie_is_refreshed() {
 
 #[tokio::test]
 async fn refreshed_cookies_go_out_even_when_the_upstream_fails() {
-    let down = support::Refused::reserve();
+    let down = Refused::reserve();
     let routes = format!(
         "[[routes]]\nname = \"down\"\npath_prefix = \"/down\"\nupstream = \"{}\"\n\
          auth = \"required\"\nissuer = \"main\"\naudiences = [\"orders-api\"]",
@@ -95,7 +82,7 @@ async fn refreshed_cookies_go_out_even_when_the_upstream_fails() {
     );
     let (idp, _up, proxy, jar) = short_session(&Opts { routes, ..Opts::default() }).await;
     // The old refresh token is rotated away by now: the browser must get the new one.
-    let r = jar.on(support::get(proxy.url("/down/orders"))).send().await;
+    let r = jar.on(get(proxy.url("/down/orders"))).send().await;
     r.assert_error(502, "bad_gateway");
     assert_eq!(token_calls(&idp), 1);
     assert_set(&r, ACCESS);
@@ -119,7 +106,7 @@ async fn without_rotation_the_same_refresh_token_keeps_working() {
     let r = poll_until(
         "a second refresh with the unrotated token",
         DEADLINE,
-        || jar.on(support::get(proxy.url("/api/orders"))),
+        || jar.on(get(proxy.url("/api/orders"))),
         |r| r.status != 200 || token_calls(&idp) >= 2,
     )
     .await;
@@ -174,7 +161,7 @@ async fn rotated_refresh_token_after_the_grace_is_reuse_and_ends_the_session() {
     let r = poll_until(
         "the grace for the rotated token ends",
         DEADLINE,
-        || old.on(support::get(proxy.url("/api/orders"))),
+        || old.on(get(proxy.url("/api/orders"))),
         |r| r.status != 200,
     )
     .await;
@@ -206,17 +193,15 @@ async fn invalid_grant_ends_the_session_and_clears_both_cookies() {
 
 /// Login with an access token that expired long ago, so a refresh is required
 /// and no still-valid token can carry the request.
-async fn expired_session() -> (TestIdp, Upstream, support::Proxy, Jar) {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, &Opts::default()).await;
+async fn expired_session() -> (TestIdp, Upstream, Proxy, Jar) {
+    let (idp, up, proxy) = setup(&Opts::default()).await;
     idp.set_access_ttl(-120);
     let (_, jar) = login(&proxy, "alice").await;
     idp.set_access_ttl(300);
     (idp, up, proxy, jar)
 }
 
-fn assert_outage_answer(r: &support::Reply) {
+fn assert_outage_answer(r: &Reply) {
     r.assert_error(503, "auth_server_unavailable");
     let retry = r.header("retry-after").expect("Retry-After on 503");
     assert!(retry.parse::<u64>().is_ok_and(|s| s > 0), "Retry-After {retry:?}");
@@ -267,9 +252,7 @@ async fn outage_with_a_still_valid_access_token_carries_on() {
 
 #[tokio::test]
 async fn refresh_endpoint_refreshes_now() {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, &Opts::default()).await;
+    let (idp, _up, proxy) = setup(&Opts::default()).await;
     let (_, jar) = login(&proxy, "alice").await;
     idp.set_access_ttl(120);
     let r = refresh_now(&proxy, &jar).await;
@@ -282,16 +265,14 @@ async fn refresh_endpoint_refreshes_now() {
     let token = forwarded_token(&api(&proxy, &jar).await);
     let exp = claims(&token)["exp"].as_i64().unwrap();
     assert!(
-        (now() + 100..=now() + 121).contains(&exp),
+        (idp::now() + 100..=idp::now() + 121).contains(&exp),
         "the refreshed token went into the cookie: exp {exp}"
     );
 }
 
 #[tokio::test]
 async fn refresh_endpoint_without_refresh_cookie_is_missing_token() {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, &Opts::default()).await;
+    let (idp, _up, proxy) = setup(&Opts::default()).await;
     refresh_now(&proxy, &Jar::default()).await.assert_error(401, "missing_token");
     let (_, jar) = login(&proxy, "alice").await;
     refresh_now(&proxy, &jar.without(REFRESH)).await.assert_error(401, "missing_token");
@@ -372,7 +353,7 @@ async fn session_past_absolute_timeout_is_refused_and_cleared() {
     let r = poll_until(
         "the session passes absolute_timeout",
         DEADLINE,
-        || jar.on(support::get(proxy.url("/api/orders"))),
+        || jar.on(get(proxy.url("/api/orders"))),
         |r| r.status != 200,
     )
     .await;

@@ -2,26 +2,12 @@
 //! tokens from a JSON answer into cookies, the authorization code flow with PKCE
 //! and `state` (RFC 7636, RFC 9207 `iss`), `return_to` confined to same-origin
 //! paths, and logout with RFC 7009 revocation.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod idp;
-#[allow(dead_code)]
-mod kit;
-mod support;
 
 use std::collections::HashMap;
 
+use crate::kit::session::*;
+use crate::kit::*;
 use base64::Engine as _;
-use idp::TestIdp;
-use kit::*;
-use support::{get, post, Proxy, Reply, Upstream};
-
-async fn setup(o: &Opts) -> (TestIdp, Upstream, Proxy) {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, o).await;
-    (idp, up, proxy)
-}
 
 // === passthrough ===
 
@@ -100,7 +86,7 @@ async fn logout_revokes_the_refresh_token_and_clears_the_cookies() {
     assert!(r.body.is_empty());
     assert_cleared(&r, ACCESS);
     assert_cleared(&r, REFRESH);
-    assert_eq!(revocations(&idp), 1);
+    assert_eq!(revoke_calls(&idp), 1);
     assert!(idp.family_revoked(&rt_family), "the session's refresh token is revoked at the server");
 
     let jar = jar.after(&r);
@@ -116,7 +102,7 @@ async fn logout_without_a_session_answers_204() {
     let (idp, _up, proxy) = setup(&Opts::default()).await;
     let r = logout(&proxy, &Jar::default()).await;
     assert_eq!(r.status, 204, "{}", r.text());
-    assert_eq!(revocations(&idp), 0, "nothing to revoke");
+    assert_eq!(revoke_calls(&idp), 0, "nothing to revoke");
 }
 
 // === authorization code + PKCE ===
@@ -357,7 +343,7 @@ async fn logout_also_ends_the_grace_of_the_rotated_token() {
 async fn a_session_endpoint_called_with_the_wrong_method_is_a_bad_request() {
     let (idp, _up, proxy) = setup(&Opts::default()).await;
     for path in ["/auth/refresh", "/auth/logout", "/auth/callback"] {
-        let r = support::request("PUT", proxy.url(path)).header("origin", own_origin(&proxy)).send().await;
+        let r = request("PUT", proxy.url(path)).header("origin", own_origin(&proxy)).send().await;
         r.assert_error(400, "bad_request");
     }
     assert_eq!(token_calls(&idp), 0);

@@ -2,11 +2,9 @@
 //! round-robin, and the proxy's own answers when no upstream can be used
 //! (404 / 502 / 504 / 413 with their JSON `error` codes).
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::kit::*;
 
 /// Four routes, each to its own named upstream, so the echo tells which one answered.
 struct Site {

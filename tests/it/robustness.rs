@@ -2,11 +2,9 @@
 //! (request smuggling), slowloris, idle sockets and connection floods. Each is
 //! answered with a 4xx or a closed connection, and the proxy keeps serving.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::kit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

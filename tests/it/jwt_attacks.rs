@@ -1,23 +1,14 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Token verification on the wire (SPEC §3 `[[issuers]]`, §4 Rejections): what is
 //! accepted, and every forged, stolen-shape or out-of-policy token that must be
 //! refused with the RFC 6750 answer — without the request ever reaching the upstream.
 
-mod idp;
-mod support;
+use std::sync::atomic::Ordering;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
-use idp::{b64, sign, sign_with_header, TestIdp, AUDIENCE};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use support::*;
+
+use crate::kit::idp::{b64, sign_with_header, AUDIENCE};
+use crate::kit::*;
 
 // === setup ===
 
@@ -47,20 +38,16 @@ audiences = ["orders-api"]
 "#;
 
 /// The issuer of the brief: JWKS from the test IdP, the three asymmetric algorithms.
-fn jwks_issuer(idp: &TestIdp) -> String {
-    format!(
-        r#"
-[[issuers]]
-name = "main"
-issuer = "{}"
-jwks_url = "{}"
-algorithms = ["RS256", "ES256", "EdDSA"]
-leeway = "30s"
-jwks_refresh = "1h"
-"#,
-        idp.issuer(),
-        idp.jwks_url()
-    )
+fn jwks_issuer(idp: &TestIdp) -> Table {
+    idp.issuer_table()
+        .set("algorithms", vec!["RS256", "ES256", "EdDSA"])
+        .set("leeway", "30s")
+        .set("jwks_refresh", "1h")
+}
+
+/// The brief's issuer and routes, behind `extra` (e.g. `[limits]`).
+fn config(issuer: Table, extra: &str, up: &Upstream) -> String {
+    Config::new().raw(extra).table(issuer).raw(&ROUTE.replace("{UP}", &up.url())).toml()
 }
 
 struct Env {
@@ -71,15 +58,14 @@ struct Env {
 
 impl Env {
     async fn start() -> Self {
-        Self::with(|idp, _| jwks_issuer(idp), "").await
+        Self::with(jwks_issuer, "").await
     }
 
-    /// `issuer` writes the `[[issuers]]` table; `extra` is prepended (e.g. `[limits]`).
-    async fn with(issuer: impl FnOnce(&TestIdp, &Upstream) -> String, extra: &str) -> Self {
+    /// `issuer` makes the `[[issuers]]` table; `extra` is prepended (e.g. `[limits]`).
+    async fn with(issuer: impl FnOnce(&TestIdp) -> Table, extra: &str) -> Self {
         let idp = TestIdp::start().await;
         let up = Upstream::start().await;
-        let toml = format!("{extra}\n{}\n{}", issuer(&idp, &up), ROUTE.replace("{UP}", &up.url()));
-        let proxy = Proxy::start(&toml).await;
+        let proxy = Proxy::start(&config(issuer(&idp), extra, &up)).await;
         wait_ready(&proxy).await;
         Self { idp, up, proxy }
     }
@@ -89,7 +75,7 @@ impl Env {
     }
 
     async fn send_to(&self, path: &str, token: &str) -> Reply {
-        get(self.proxy.url(path)).header("authorization", format!("Bearer {token}")).send().await
+        get(self.proxy.url(path)).bearer(token).send().await
     }
 
     /// A normal token for `sub`, as the IdP issues them (RS256, kid rsa1).
@@ -117,24 +103,6 @@ impl Env {
     }
 }
 
-async fn wait_ready(proxy: &Proxy) {
-    let url = format!("{}/readyz", proxy.admin_url());
-    let url = &url;
-    eventually("the issuer's keys are loaded (/readyz 200)", DEADLINE, || async move {
-        get(url).send().await.status == 200
-    })
-    .await;
-}
-
-fn assert_invalid_token(reply: &Reply, what: &str) {
-    assert_eq!(reply.status, 401, "{what}: {}", reply.text());
-    reply.assert_error(401, "invalid_token");
-    let www = reply.header("www-authenticate").unwrap_or_default();
-    assert!(www.starts_with("Bearer realm=\"portcullis\""), "{what}: WWW-Authenticate {www:?}");
-    assert!(www.contains("error=\"invalid_token\""), "{what}: WWW-Authenticate {www:?}");
-    assert!(www.contains("error_description=\""), "{what}: WWW-Authenticate {www:?}");
-}
-
 /// `header.payload.signature` from raw JSON values, signed with nothing.
 fn forge(header: &Value, claims: &Value, signature: &str) -> String {
     format!("{}.{}.{signature}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()))
@@ -156,55 +124,16 @@ fn with(mut claims: Value, name: &str, value: Value) -> Value {
     claims
 }
 
-/// A server standing for the attacker's URLs (`jku`, `x5u`): it serves a JWKS with
-/// the attacker's key (rsa2) and counts every connection it is offered.
-struct Attacker {
-    addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
+/// A server standing for the attacker's URLs (`jku`, `x5u`): a second IdP that
+/// publishes the attacker's key (rsa2) and counts every connection it is offered.
+async fn attacker() -> TestIdp {
+    let attacker = TestIdp::start().await;
+    attacker.set_keys(&["rsa2"]);
+    attacker
 }
 
-impl Attacker {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let count = connections.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        let doc = json!({"keys": [idp::jwk("rsa2")]}).to_string();
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(doc))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Self { addr, connections, task }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Attacker {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn metric(proxy: &Proxy, series: &str) -> f64 {
-    let text = get(format!("{}/metrics", proxy.admin_url())).send().await.text();
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+fn connections(attacker: &TestIdp) -> usize {
+    attacker.connections.load(Ordering::SeqCst)
 }
 
 // === where the token comes from ===
@@ -321,7 +250,7 @@ async fn alg_none_token_is_rejected() {
 #[tokio::test]
 async fn hs256_signed_with_rsa_public_key_is_rejected() {
     let env = Env::start().await;
-    let pem = std::fs::read(idp::fixture("rsa1.pub.pem")).unwrap();
+    let pem = std::fs::read(fixture("rsa1.pub.pem")).unwrap();
     let trimmed = String::from_utf8(pem.clone()).unwrap().trim_end().as_bytes().to_vec();
     let claims = env.claims("admin");
     for (secret, label) in [(&pem, "PEM"), (&trimmed, "PEM without final newline")] {
@@ -338,19 +267,13 @@ async fn hs256_signed_with_rsa_public_key_is_rejected() {
 #[tokio::test]
 async fn hs256_signed_with_rsa_public_key_is_rejected_by_a_pem_file_issuer() {
     // The classic confusion: the verifier holds the PEM file, the attacker signs with its bytes.
-    let path = idp::fixture("rsa1.pub.pem");
+    let path = fixture("rsa1.pub.pem");
     let env = Env::with(
-        |idp, _| {
-            format!(
-                r#"
-[[issuers]]
-name = "main"
-issuer = "{}"
-public_key_files = ["{path}"]
-algorithms = ["RS256"]
-"#,
-                idp.issuer()
-            )
+        |idp| {
+            idp.issuer_table()
+                .unset("jwks_url")
+                .set("public_key_files", vec![path.as_str()])
+                .set("algorithms", vec!["RS256"])
         },
         "",
     )
@@ -375,9 +298,7 @@ algorithms = ["RS256"]
 
 #[tokio::test]
 async fn algorithm_outside_the_allow_list_is_rejected() {
-    let env =
-        Env::with(|idp, _| jwks_issuer(idp).replace(r#"["RS256", "ES256", "EdDSA"]"#, r#"["RS256"]"#), "")
-            .await;
+    let env = Env::with(|idp| jwks_issuer(idp).set("algorithms", vec!["RS256"]), "").await;
     env.assert_accepted(&env.token("alice"), "alice", "RS256 is allowed").await;
     env.assert_refused(&sign("ec1", &env.claims("bob")), "ES256 by a published key, not allowed").await;
     env.assert_refused(&sign("ed1", &env.claims("bob")), "EdDSA by a published key, not allowed").await;
@@ -447,42 +368,42 @@ async fn trusted_kid_with_a_foreign_signature_is_rejected() {
 #[tokio::test]
 async fn jku_header_is_never_followed() {
     let env = Env::start().await;
-    let attacker = Attacker::start().await;
+    let attacker = attacker().await;
     for kid in [Some("rsa2"), None, Some("rsa1")] {
         let mut h = header(Algorithm::RS256, kid);
-        h.jku = Some(attacker.url("/jwks.json"));
+        h.jku = Some(attacker.jwks_url());
         let t = sign_with_header("rsa2", h, &env.claims("mallory"));
         env.assert_refused(&t, &format!("jku to the attacker, kid {kid:?}")).await;
     }
-    assert_eq!(attacker.connections(), 0, "the proxy contacted the jku URL");
+    assert_eq!(connections(&attacker), 0, "the proxy contacted the jku URL");
 }
 
 #[tokio::test]
 async fn x5u_header_is_never_followed() {
     let env = Env::start().await;
-    let attacker = Attacker::start().await;
+    let attacker = attacker().await;
     for kid in [Some("rsa2"), None, Some("rsa1")] {
         let mut h = header(Algorithm::RS256, kid);
-        h.x5u = Some(attacker.url("/cert.pem"));
+        h.x5u = Some(format!("{}/cert.pem", attacker.issuer()));
         let t = sign_with_header("rsa2", h, &env.claims("mallory"));
         env.assert_refused(&t, &format!("x5u to the attacker, kid {kid:?}")).await;
     }
-    assert_eq!(attacker.connections(), 0, "the proxy contacted the x5u URL");
+    assert_eq!(connections(&attacker), 0, "the proxy contacted the x5u URL");
 }
 
 #[tokio::test]
 async fn embedded_jwk_header_is_never_trusted() {
     let env = Env::start().await;
-    let attacker = Attacker::start().await;
+    let attacker = attacker().await;
     let attacker_jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(idp::jwk("rsa2")).unwrap();
     for kid in [Some("rsa2"), None, Some("rsa1")] {
         let mut h = header(Algorithm::RS256, kid);
         h.jwk = Some(attacker_jwk.clone());
-        h.jku = Some(attacker.url("/jwks.json"));
+        h.jku = Some(attacker.jwks_url());
         let t = sign_with_header("rsa2", h, &env.claims("mallory"));
         env.assert_refused(&t, &format!("embedded attacker jwk, kid {kid:?}")).await;
     }
-    assert_eq!(attacker.connections(), 0, "the proxy contacted an attacker URL");
+    assert_eq!(connections(&attacker), 0, "the proxy contacted an attacker URL");
 }
 
 // === claims ===
@@ -543,7 +464,7 @@ async fn token_without_exp_is_rejected() {
 #[tokio::test]
 async fn oversized_token_is_rejected() {
     // The header limit is raised so that the request reaches token verification.
-    let env = Env::with(|idp, _| jwks_issuer(idp), "[limits]\nmax_header_bytes = 262144\n").await;
+    let env = Env::with(jwks_issuer, "[limits]\nmax_header_bytes = 262144\n").await;
     let head = b64(json!({"alg": "RS256", "kid": "rsa1"}).to_string().as_bytes());
     let body = "A".repeat(64 * 1024);
     env.assert_refused(&format!("{head}.{body}.{}", b64(&[7u8; 256])), "64 KiB token").await;
@@ -646,35 +567,13 @@ async fn rejections_are_counted_per_reason() {
 async fn rejections_are_logged_with_a_reason_but_never_with_the_token() {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let dir = TempDir::new();
-    let (http, admin) = (free_port(), free_port());
-    let config = dir.write(
-        "portcullis.toml",
-        &format!(
-            "[listen]\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n{}\n{}",
-            jwks_issuer(&idp),
-            ROUTE.replace("{UP}", &up.url())
-        ),
-    );
-    let log_path = dir.path().join("stderr.log");
-    let _child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        // The proxy's own debug logs too; set explicitly so an inherited RUST_LOG cannot mute them.
-        .env("PORTCULLIS_LOG", "info,portcullis=debug")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn portcullis");
-    let readyz = format!("http://127.0.0.1:{admin}/readyz");
-    let readyz = &readyz;
-    eventually("the binary is ready", DEADLINE, || async move {
-        try_send(get(readyz)).await.is_ok_and(|r| r.status == 200)
-    })
+    // The proxy's own debug logs too; set explicitly so an inherited RUST_LOG cannot mute them.
+    let proxy = ProxyProcess::start_with_env(
+        &config(jwks_issuer(&idp), "", &up),
+        &[("PORTCULLIS_LOG", "info,portcullis=debug")],
+    )
     .await;
+    wait_ready(&proxy).await;
 
     let claims = idp.claims("alice", 300);
     let tokens = [
@@ -686,10 +585,9 @@ async fn rejections_are_logged_with_a_reason_but_never_with_the_token() {
         sign("rsa1", &claims),
     ];
     for t in &tokens {
-        let url = format!("http://127.0.0.1:{http}/orders/1");
-        get(url).header("authorization", format!("Bearer {t}")).header("x-user-id", "spoof").send().await;
+        get(proxy.url("/orders/1")).bearer(t).header("x-user-id", "spoof").send().await;
     }
-    let log_has = |needle: &str| std::fs::read_to_string(&log_path).unwrap_or_default().contains(needle);
+    let log_has = |needle: &str| proxy.log().contains(needle);
     eventually("the rejections are logged", DEADLINE, || async {
         log_has("invalid_token") && log_has("insufficient_scope")
     })

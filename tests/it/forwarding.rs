@@ -2,13 +2,11 @@
 //! hop-by-hop removal, request ids, streamed bodies in both directions, and
 //! WebSocket tunnels.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::kit::*;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn proxy_to(up: &Upstream) -> Proxy {

@@ -1,148 +1,29 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! An issuer's keys over time (SPEC §4 JWKS, Operations): not ready until the first
 //! JWKS arrives (`/readyz` 503, routes `keys_unavailable`), rotation, the unknown-`kid`
 //! refetch and its rate limit, and the last good keys surviving a failing JWKS endpoint.
 //! Every wait polls with a deadline; nothing sleeps and hopes.
 
-mod idp;
-mod support;
-
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
-use idp::{b64, sign, TestIdp};
 use serde_json::json;
-use support::*;
 
-// === a JWKS endpoint that fails on demand ===
-
-#[derive(Clone, Debug)]
-enum Mode {
-    /// `503 Service Unavailable`.
-    Unavailable,
-    /// `500` with an HTML body.
-    ServerError,
-    /// `200` with a body that is not JSON.
-    Garbage,
-    /// `200 {"keys": []}`: valid JSON, no usable key.
-    NoKeys,
-    /// `200` with these fixture keys.
-    Keys(Vec<&'static str>),
-}
-
-struct KeyServerState {
-    mode: Mutex<Mode>,
-    hits: AtomicUsize,
-}
-
-/// A JWKS endpoint for one test. `stop` closes the listener and every open
-/// connection, so pooled keep-alive connections in the proxy die too.
-struct KeyServer {
-    addr: SocketAddr,
-    state: Arc<KeyServerState>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl KeyServer {
-    async fn start(mode: Mode) -> Self {
-        Self::start_on("127.0.0.1:0".parse().unwrap(), mode).await
-    }
-
-    async fn start_on(addr: SocketAddr, mode: Mode) -> Self {
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the JWKS server");
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(KeyServerState { mode: Mutex::new(mode), hits: AtomicUsize::new(0) });
-        let st = state.clone();
-        let task = tokio::spawn(async move {
-            // Connections live in this set: aborting this task drops them all.
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        let st = st.clone();
-                        conns.spawn(async move {
-                            let svc = hyper::service::service_fn(move |_req| {
-                                let st = st.clone();
-                                async move { Ok::<_, Infallible>(st.answer()) }
-                            });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
-        Self { addr, state, task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/jwks.json", self.addr)
-    }
-
-    fn set(&self, mode: Mode) {
-        *self.state.mode.lock().unwrap() = mode;
-    }
-
-    fn hits(&self) -> usize {
-        self.state.hits.load(Ordering::SeqCst)
-    }
-
-    fn stop(&self) {
-        self.task.abort();
-    }
-}
-
-impl Drop for KeyServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl KeyServerState {
-    fn answer(&self) -> hyper::Response<Full<Bytes>> {
-        self.hits.fetch_add(1, Ordering::SeqCst);
-        let mode = self.mode.lock().unwrap().clone();
-        let (status, body) = match mode {
-            Mode::Unavailable => (503, "{\"error\":\"down\"}".to_owned()),
-            Mode::ServerError => (500, "<html>oops</html>".to_owned()),
-            Mode::Garbage => (200, "this is not a JWKS {".to_owned()),
-            Mode::NoKeys => (200, "{\"keys\":[]}".to_owned()),
-            Mode::Keys(kids) => {
-                (200, json!({"keys": kids.iter().map(|k| idp::jwk(k)).collect::<Vec<_>>()}).to_string())
-            }
-        };
-        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-        resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
-        resp
-    }
-}
+use crate::kit::idp::b64;
+use crate::kit::*;
 
 // === setup ===
 
 /// An issuer named "main" (its `iss` is the test IdP's) fetching `jwks_url`, and a
 /// required route `/orders` with X-User-Id = sub. `refresh`: `jwks_refresh`, or the default.
-async fn proxy(issuer: &str, jwks_url: &str, refresh: Option<&str>, up: &Upstream) -> Proxy {
-    let refresh = refresh.map(|r| format!("jwks_refresh = \"{r}\"")).unwrap_or_default();
-    Proxy::start(&format!(
+async fn proxy(idp: &TestIdp, jwks_url: &str, refresh: Option<&str>, up: &Upstream) -> Proxy {
+    let mut issuer =
+        idp.issuer_table().set("jwks_url", jwks_url).set("algorithms", vec!["RS256", "ES256", "EdDSA"]);
+    if let Some(r) = refresh {
+        issuer = issuer.set("jwks_refresh", r);
+    }
+    let route = format!(
         r#"
-[[issuers]]
-name = "main"
-issuer = "{issuer}"
-jwks_url = "{jwks_url}"
-algorithms = ["RS256", "ES256", "EdDSA"]
-{refresh}
-
 [[routes]]
 name = "orders"
 path_prefix = "/orders"
@@ -153,29 +34,16 @@ audiences = ["orders-api"]
 "X-User-Id" = "sub"
 "#,
         up = up.url()
-    ))
-    .await
-}
-
-async fn readyz(proxy: &Proxy) -> Reply {
-    get(format!("{}/readyz", proxy.admin_url())).send().await
-}
-
-async fn wait_ready(proxy: &Proxy) {
-    eventually("/readyz answers 200", DEADLINE, || async { readyz(proxy).await.status == 200 }).await;
+    );
+    Proxy::start(&Config::new().table(issuer).raw(&route).toml()).await
 }
 
 async fn call(proxy: &Proxy, token: &str) -> Reply {
-    get(proxy.url("/orders/1")).header("authorization", format!("Bearer {token}")).send().await
+    get(proxy.url("/orders/1")).bearer(token).send().await
 }
 
 async fn accepted(proxy: &Proxy, token: &str) -> bool {
     call(proxy, token).await.status == 200
-}
-
-async fn metric(proxy: &Proxy, series: &str) -> f64 {
-    let text = get(format!("{}/metrics", proxy.admin_url())).send().await.text();
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 const FETCH_OK: &str = r#"portcullis_jwks_fetches_total{issuer="main",outcome="ok"}"#;
@@ -187,18 +55,22 @@ async fn wait_for_another_failed_fetch(proxy: &Proxy, what: &str) {
     eventually(what, DEADLINE, || async { metric(proxy, FETCH_ERROR).await > before }).await;
 }
 
+fn fetches(idp: &TestIdp) -> usize {
+    idp.jwks_fetches.load(Ordering::SeqCst)
+}
+
 // === readiness ===
 
 #[tokio::test]
 async fn readyz_is_503_and_routes_answer_keys_unavailable_until_the_jwks_loads() {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let keys = KeyServer::start(Mode::Unavailable).await;
+    idp.set_jwks_answer(JwksAnswer::Unavailable);
     // Default jwks_refresh: the first retry still comes within a few seconds (SPEC: at most 5 s).
-    let proxy = proxy(&idp.issuer(), &keys.url(), None, &up).await;
+    let proxy = proxy(&idp, &idp.jwks_url(), None, &up).await;
     let token = sign("rsa1", &idp.claims("alice", 300));
 
-    eventually("a first JWKS fetch was attempted", DEADLINE, || async { keys.hits() >= 1 }).await;
+    eventually("a first JWKS fetch was attempted", DEADLINE, || async { fetches(&idp) >= 1 }).await;
     let ready = readyz(&proxy).await;
     assert_eq!(ready.status, 503, "{}", ready.text());
     assert!(ready.text().contains("main"), "/readyz names the waiting issuer: {}", ready.text());
@@ -215,7 +87,8 @@ async fn readyz_is_503_and_routes_answer_keys_unavailable_until_the_jwks_loads()
     let rejected = metric(&proxy, r#"portcullis_auth_rejections_total{reason="keys_unavailable"}"#).await;
     assert!(rejected >= 1.0, "keys_unavailable rejections are counted");
 
-    keys.set(Mode::Keys(vec!["rsa1"]));
+    idp.set_keys(&["rsa1"]);
+    idp.set_jwks_answer(JwksAnswer::Keys);
     wait_ready(&proxy).await;
     assert_eq!(call(&proxy, &token).await.echo().header("x-user-id"), Some("alice"));
     assert!(metric(&proxy, FETCH_OK).await >= 1.0, "the good fetch is counted");
@@ -225,12 +98,12 @@ async fn readyz_is_503_and_routes_answer_keys_unavailable_until_the_jwks_loads()
 async fn jwks_url_refusing_connections_at_start_is_not_fatal() {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    // A port that nothing listens on yet; the JWKS server binds it later.
+    // A port that nothing listens on yet; a JWKS server binds it later.
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let proxy = proxy(&idp.issuer(), &format!("http://{addr}/jwks.json"), Some("2s"), &up).await;
+    let proxy = proxy(&idp, &format!("http://{addr}/jwks.json"), Some("2s"), &up).await;
     let token = sign("ec1", &idp.claims("bob", 300));
 
     eventually("a refused JWKS fetch is counted", DEADLINE, || async {
@@ -240,7 +113,8 @@ async fn jwks_url_refusing_connections_at_start_is_not_fatal() {
     assert_eq!(readyz(&proxy).await.status, 503);
     call(&proxy, &token).await.assert_error(503, "keys_unavailable");
 
-    let _keys = KeyServer::start_on(addr, Mode::Keys(vec!["rsa1", "ec1"])).await;
+    let keys = TestIdp::start_on(addr).await;
+    keys.set_keys(&["rsa1", "ec1"]);
     wait_ready(&proxy).await;
     assert_eq!(call(&proxy, &token).await.echo().header("x-user-id"), Some("bob"));
 }
@@ -251,7 +125,7 @@ async fn jwks_url_refusing_connections_at_start_is_not_fatal() {
 async fn rotated_keys_are_picked_up_and_removed_keys_stop_working() {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let proxy = proxy(&idp.issuer(), &idp.jwks_url(), Some("2s"), &up).await;
+    let proxy = proxy(&idp, &idp.jwks_url(), Some("2s"), &up).await;
     wait_ready(&proxy).await;
     let old = sign("rsa1", &idp.claims("alice", 300));
     assert!(accepted(&proxy, &old).await, "rsa1 is published");
@@ -283,14 +157,14 @@ async fn unknown_kid_triggers_a_refetch() {
     // refetch (spaced by jwks_refresh/10 = 1 s) can bring in the new key.
     idp.set_jwks_cache_control(Some("max-age=3600"));
     let up = Upstream::start().await;
-    let proxy = proxy(&idp.issuer(), &idp.jwks_url(), Some("10s"), &up).await;
+    let proxy = proxy(&idp, &idp.jwks_url(), Some("10s"), &up).await;
     wait_ready(&proxy).await;
-    let fetches = idp.jwks_fetches.load(Ordering::SeqCst);
+    let before = fetches(&idp);
 
     idp.set_keys(&["rsa1", "rsa2"]);
     let new = sign("rsa2", &idp.claims("dave", 300));
     eventually("the unknown kid rsa2 is fetched and accepted", DEADLINE, || accepted(&proxy, &new)).await;
-    assert!(idp.jwks_fetches.load(Ordering::SeqCst) > fetches, "the JWKS was fetched again");
+    assert!(fetches(&idp) > before, "the JWKS was fetched again");
     assert_eq!(call(&proxy, &new).await.echo().header("x-user-id"), Some("dave"));
 }
 
@@ -300,7 +174,7 @@ async fn flood_of_random_kids_is_rate_limited() {
     idp.set_jwks_cache_control(Some("max-age=3600"));
     let up = Upstream::start().await;
     // Unknown-kid refetches are spaced by jwks_refresh/10 = 1 s; no background refresh.
-    let proxy = proxy(&idp.issuer(), &idp.jwks_url(), Some("10s"), &up).await;
+    let proxy = proxy(&idp, &idp.jwks_url(), Some("10s"), &up).await;
     wait_ready(&proxy).await;
 
     let claims = b64(idp.claims("mallory", 300).to_string().as_bytes());
@@ -315,7 +189,7 @@ async fn flood_of_random_kids_is_rate_limited() {
     // The rate limiter is a clock: let one spacing pass since the start-up fetch so the
     // flood can open a refetch window (a time precondition, not a wait for an event).
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let before = idp.jwks_fetches.load(Ordering::SeqCst);
+    let before = fetches(&idp);
     let started = Instant::now();
     // 50 in flight at a time: a burst beyond the listener's accept backlog would only
     // measure SYN retransmissions.
@@ -324,7 +198,7 @@ async fn flood_of_random_kids_is_rate_limited() {
         .collect()
         .await;
     let elapsed = started.elapsed();
-    let fetches = idp.jwks_fetches.load(Ordering::SeqCst) - before;
+    let fetches = fetches(&idp) - before;
     for reply in &replies {
         reply.assert_error(401, "invalid_token");
     }
@@ -349,13 +223,11 @@ async fn jwks_max_age_shortens_the_background_refresh() {
     idp.set_jwks_cache_control(Some("max-age=1"));
     let up = Upstream::start().await;
     // Without max-age, three more fetches would take 30 s.
-    let proxy = proxy(&idp.issuer(), &idp.jwks_url(), Some("10s"), &up).await;
+    let proxy = proxy(&idp, &idp.jwks_url(), Some("10s"), &up).await;
     wait_ready(&proxy).await;
-    let before = idp.jwks_fetches.load(Ordering::SeqCst);
-    eventually("three background refreshes at max-age=1", DEADLINE, || async {
-        idp.jwks_fetches.load(Ordering::SeqCst) >= before + 3
-    })
-    .await;
+    let before = fetches(&idp);
+    eventually("three background refreshes at max-age=1", DEADLINE, || async { fetches(&idp) >= before + 3 })
+        .await;
 }
 
 // === failures keep the last good keys ===
@@ -364,13 +236,13 @@ async fn jwks_max_age_shortens_the_background_refresh() {
 async fn failing_jwks_endpoint_keeps_the_last_good_keys() {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let keys = KeyServer::start(Mode::Keys(vec!["rsa1", "ed1"])).await;
-    let proxy = proxy(&idp.issuer(), &keys.url(), Some("2s"), &up).await;
+    idp.set_keys(&["rsa1", "ed1"]);
+    let proxy = proxy(&idp, &idp.jwks_url(), Some("2s"), &up).await;
     wait_ready(&proxy).await;
     assert!(accepted(&proxy, &sign("rsa1", &idp.claims("alice", 300))).await);
 
-    for mode in [Mode::ServerError, Mode::Unavailable, Mode::Garbage, Mode::NoKeys] {
-        keys.set(mode.clone());
+    for mode in [JwksAnswer::ServerError, JwksAnswer::Unavailable, JwksAnswer::Garbage, JwksAnswer::NoKeys] {
+        idp.set_jwks_answer(mode);
         wait_for_another_failed_fetch(&proxy, &format!("a refresh fails with {mode:?}")).await;
         // A token never seen before, so the verified-token cache cannot answer for it.
         let sub = format!("user-during-{mode:?}");
@@ -379,7 +251,7 @@ async fn failing_jwks_endpoint_keeps_the_last_good_keys() {
         assert_eq!(readyz(&proxy).await.status, 200, "{mode:?}: still ready");
     }
 
-    keys.set(Mode::Keys(vec!["rsa1", "ed1"]));
+    idp.set_jwks_answer(JwksAnswer::Keys);
     let ok = metric(&proxy, FETCH_OK).await;
     eventually("the endpoint recovers", DEADLINE, || async { metric(&proxy, FETCH_OK).await > ok }).await;
     assert!(accepted(&proxy, &sign("rsa1", &idp.claims("bob", 300))).await);
@@ -389,11 +261,11 @@ async fn failing_jwks_endpoint_keeps_the_last_good_keys() {
 async fn stopped_jwks_server_keeps_the_last_good_keys() {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let keys = KeyServer::start(Mode::Keys(vec!["rsa1"])).await;
-    let proxy = proxy(&idp.issuer(), &keys.url(), Some("2s"), &up).await;
+    idp.set_keys(&["rsa1"]);
+    let proxy = proxy(&idp, &idp.jwks_url(), Some("2s"), &up).await;
     wait_ready(&proxy).await;
 
-    keys.stop();
+    idp.stop();
     wait_for_another_failed_fetch(&proxy, "a refresh fails against the stopped server").await;
     let reply = call(&proxy, &sign("rsa1", &idp.claims("carol", 300))).await;
     assert_eq!(reply.echo().header("x-user-id"), Some("carol"));
@@ -408,7 +280,7 @@ async fn stopped_jwks_server_keeps_the_last_good_keys() {
 async fn empty_key_set_from_the_idp_keeps_the_last_good_keys() {
     let idp = TestIdp::start().await;
     let up = Upstream::start().await;
-    let proxy = proxy(&idp.issuer(), &idp.jwks_url(), Some("2s"), &up).await;
+    let proxy = proxy(&idp, &idp.jwks_url(), Some("2s"), &up).await;
     wait_ready(&proxy).await;
     idp.set_keys(&[]);
     wait_for_another_failed_fetch(&proxy, "an empty JWKS is rejected").await;

@@ -1,5 +1,6 @@
-//! Session test kit shared by the session suites: configuration builder, start and
-//! wait for `/readyz`, a Set-Cookie parser, a cookie jar and flow helpers.
+//! Sessions as a browser lives them: the session suites' configuration, a
+//! Set-Cookie parser, a cookie jar, and the flows (login, API call, refresh,
+//! logout) against any running instance.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -8,8 +9,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::Value;
 
-use crate::idp::{TestIdp, CLIENT_SECRET};
-use crate::support::{get, post, Proxy, Reply, Req, Upstream, DEADLINE};
+use super::idp::{TestIdp, CLIENT_SECRET};
+use super::{get, metrics, post, session_table, wait_ready, Config, Instance, Proxy, Reply, Req, Upstream};
 
 pub const KEY_A: [u8; 32] = [0xA1; 32];
 pub const KEY_B: [u8; 32] = [0xB2; 32];
@@ -60,35 +61,29 @@ impl Default for Opts {
     }
 }
 
+/// The session suites' configuration: the test IdP as issuer "main" and as
+/// authorization server (code + PKCE and passthrough login), sessions on the sealed
+/// cookies, and the routes "api" (`/api`, token required) and "open" (`/open`).
 pub fn config(idp: &TestIdp, up: &Upstream, o: &Opts) -> String {
-    let client_secret =
-        if o.client_auth == "none" { String::new() } else { "client_secret_env = \"CLIENT_SECRET\"".into() };
-    format!(
-        r#"
-[[issuers]]
-name = "main"
-issuer = "{iss}"
-jwks_url = "{jwks}"
-
-[auth_server]
-token_url = "{token}"
-revocation_url = "{revoke}"
-authorization_url = "{authorize}"
-login_url = "{login}"
-issuer = "{iss}"
-client_id = "edge"
-{client_secret}
-client_auth = "{client_auth}"
-scope = "openid offline_access"
-timeout = "2s"
-{auth}
-
-[session]
-cookie_key_env = "COOKIE_KEY"
-secure = {secure}
-allowed_origins = ["{app}"]
-{session}
-
+    let mut auth = idp
+        .auth_server_table()
+        .set("authorization_url", idp.authorize_url())
+        .set("issuer", idp.issuer())
+        .set("client_auth", o.client_auth)
+        .set("scope", "openid offline_access")
+        .set("timeout", "2s")
+        .lines(&o.auth);
+    if o.client_auth == "none" {
+        auth = auth.unset("client_secret_env");
+    }
+    let session =
+        session_table().set("secure", o.secure).set("allowed_origins", vec![APP_ORIGIN]).lines(&o.session);
+    Config::new()
+        .table(idp.issuer_table())
+        .table(auth)
+        .table(session)
+        .raw(&format!(
+            r#"
 [[routes]]
 name = "api"
 path_prefix = "/api"
@@ -102,39 +97,30 @@ name = "open"
 path_prefix = "/open"
 upstream = "{up}"
 auth = "none"
-
-{routes}
 "#,
-        iss = idp.issuer(),
-        jwks = idp.jwks_url(),
-        token = idp.token_url(),
-        revoke = idp.revoke_url(),
-        authorize = idp.authorize_url(),
-        login = idp.login_url(),
-        client_auth = o.client_auth,
-        auth = o.auth,
-        secure = o.secure,
-        app = APP_ORIGIN,
-        session = o.session,
-        up = up.url(),
-        routes = o.routes,
-    )
+            up = up.url()
+        ))
+        .raw(&o.routes)
+        .toml()
 }
 
 /// Starts the proxy and waits until the issuer's keys are loaded.
 pub async fn start(idp: &TestIdp, up: &Upstream, o: &Opts) -> Proxy {
     let proxy = Proxy::start_with(&config(idp, up, o), &env_with_keys(&o.keys), Path::new(".")).await;
-    let ready = format!("{}/readyz", proxy.admin_url());
-    crate::support::eventually("the proxy loads the IdP's keys", DEADLINE, || {
-        let ready = ready.clone();
-        async move { get(ready).send().await.status == 200 }
-    })
-    .await;
+    wait_ready(&proxy).await;
     proxy
 }
 
+/// A fresh IdP and upstream, and the proxy in front of them, ready.
+pub async fn setup(o: &Opts) -> (TestIdp, Upstream, Proxy) {
+    let idp = TestIdp::start().await;
+    let up = Upstream::start().await;
+    let proxy = start(&idp, &up, o).await;
+    (idp, up, proxy)
+}
+
 /// `http://127.0.0.1:PORT`: the proxy's own origin for CSRF purposes.
-pub fn own_origin(proxy: &Proxy) -> String {
+pub fn own_origin(proxy: &impl Instance) -> String {
     proxy.http_url()
 }
 
@@ -235,6 +221,10 @@ impl Jar {
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0.get(name).map(String::as_str)
     }
+    /// Every cookie value held.
+    pub fn values(&self) -> Vec<String> {
+        self.0.values().cloned().collect()
+    }
     /// Whether the jar holds logical cookie `name`, whole or as chunks `name.0`, `name.1`, ….
     pub fn holds(&self, name: &str) -> bool {
         self.0.contains_key(name) || self.0.contains_key(&format!("{name}.0"))
@@ -269,7 +259,7 @@ pub fn login_body(user: &str, password: &str) -> String {
 }
 
 /// Passthrough login from the proxy's own origin; the answer must be 200.
-pub async fn login(proxy: &Proxy, user: &str) -> (Reply, Jar) {
+pub async fn login(proxy: &impl Instance, user: &str) -> (Reply, Jar) {
     let reply = post(proxy.url("/auth/login"), login_body(user, PASSWORD))
         .header("content-type", "application/json")
         .header("origin", own_origin(proxy))
@@ -281,15 +271,15 @@ pub async fn login(proxy: &Proxy, user: &str) -> (Reply, Jar) {
     (reply, jar)
 }
 
-pub async fn api(proxy: &Proxy, jar: &Jar) -> Reply {
+pub async fn api(proxy: &impl Instance, jar: &Jar) -> Reply {
     jar.on(get(proxy.url("/api/orders"))).send().await
 }
 
-pub async fn refresh_now(proxy: &Proxy, jar: &Jar) -> Reply {
+pub async fn refresh_now(proxy: &impl Instance, jar: &Jar) -> Reply {
     jar.on(post(proxy.url("/auth/refresh"), "")).header("origin", own_origin(proxy)).send().await
 }
 
-pub async fn logout(proxy: &Proxy, jar: &Jar) -> Reply {
+pub async fn logout(proxy: &impl Instance, jar: &Jar) -> Reply {
     jar.on(post(proxy.url("/auth/logout"), "")).header("origin", own_origin(proxy)).send().await
 }
 
@@ -316,18 +306,18 @@ pub fn token_calls(idp: &TestIdp) -> usize {
     idp.token_calls.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-pub fn revocations(idp: &TestIdp) -> usize {
+/// RFC 7009 revocation calls the IdP received.
+pub fn revoke_calls(idp: &TestIdp) -> usize {
     idp.revocations.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// The value of `portcullis_refreshes_total{outcome="…"}`.
-pub async fn refreshes(proxy: &Proxy, outcome: &str) -> u64 {
-    let text = get(format!("{}/metrics", proxy.admin_url())).send().await.text();
-    let prefix = format!("portcullis_refreshes_total{{outcome=\"{outcome}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.trim().parse().expect("counter value"))
-        .unwrap_or_else(|| panic!("no {prefix} in metrics:\n{text}"))
+/// The value of `portcullis_refreshes_total{outcome="…"}`, which must be exposed.
+pub async fn refreshes(proxy: &impl Instance, outcome: &str) -> u64 {
+    let series = format!("portcullis_refreshes_total{{outcome=\"{outcome}\"}}");
+    let all = metrics(proxy).await;
+    let value = all.get(&series).unwrap_or_else(|| panic!("no {series} in metrics: {all:?}"));
+    assert!(value >= 0.0 && value.fract() == 0.0, "{series} is not a count: {value}");
+    value as u64
 }
 
 /// Sends `make()` until `done` holds for the reply, returning that reply; fails after `within`.
@@ -345,8 +335,4 @@ where
         assert!(start.elapsed() < within, "not within {within:?}: {what}; last: {} {}", r.status, r.text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-pub fn now() -> i64 {
-    crate::idp::now()
 }

@@ -1,21 +1,13 @@
 //! CSRF (SPEC §4 "CSRF"): a cookie-authenticated unsafe request must come from
 //! an allowed origin or the proxy's own (Origin, else Referer); `Authorization`
 //! requests are exempt; the session endpoints follow the same rule.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod idp;
-#[allow(dead_code)]
-mod kit;
-mod support;
+use crate::kit::session::*;
+use crate::kit::*;
 
-use idp::TestIdp;
-use kit::*;
-use support::{post, request, Proxy, Reply, Upstream};
-
-async fn setup() -> (TestIdp, Upstream, Proxy, Jar) {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, &Opts::default()).await;
+/// A proxy with alice logged in.
+async fn logged_in() -> (TestIdp, Upstream, Proxy, Jar) {
+    let (idp, up, proxy) = setup(&Opts::default()).await;
     let (_, jar) = login(&proxy, "alice").await;
     (idp, up, proxy, jar)
 }
@@ -36,7 +28,7 @@ fn assert_csrf(r: &Reply, what: &str) {
 
 #[tokio::test]
 async fn cookie_authenticated_unsafe_requests_need_an_allowed_or_own_origin() {
-    let (idp, up, proxy, jar) = setup().await;
+    let (idp, up, proxy, jar) = logged_in().await;
     let own = own_origin(&proxy);
     let port = proxy.http_addr().port();
     let refused: Vec<(&str, Vec<(&str, String)>)> = vec![
@@ -79,7 +71,7 @@ async fn cookie_authenticated_unsafe_requests_need_an_allowed_or_own_origin() {
 
 #[tokio::test]
 async fn safe_methods_need_no_origin() {
-    let (_idp, _up, proxy, jar) = setup().await;
+    let (_idp, _up, proxy, jar) = logged_in().await;
     for method in ["GET", "OPTIONS"] {
         let r = send(&proxy, &jar, method, &[]).await;
         assert_eq!(r.echo().header("x-auth-subject"), Some("alice"), "{method}");
@@ -90,7 +82,7 @@ async fn safe_methods_need_no_origin() {
 
 #[tokio::test]
 async fn requests_authenticated_by_an_authorization_header_are_exempt() {
-    let (idp, _up, proxy, jar) = setup().await;
+    let (idp, _up, proxy, jar) = logged_in().await;
     let token = idp.access_token("bob", 300);
     let bearer = format!("Bearer {token}");
     for headers in [
@@ -112,16 +104,14 @@ async fn requests_authenticated_by_an_authorization_header_are_exempt() {
 
 #[tokio::test]
 async fn unsafe_request_without_a_session_is_a_missing_token_not_csrf() {
-    let (_idp, _up, proxy, _jar) = setup().await;
+    let (_idp, _up, proxy, _jar) = logged_in().await;
     let r = send(&proxy, &Jar::default(), "POST", &[("origin", "http://evil.example".into())]).await;
     r.assert_error(401, "missing_token");
 }
 
 #[tokio::test]
 async fn a_foreign_request_never_triggers_a_refresh() {
-    let idp = TestIdp::start().await;
-    let up = Upstream::start().await;
-    let proxy = start(&idp, &up, &Opts::default()).await;
+    let (idp, _up, proxy) = setup(&Opts::default()).await;
     idp.set_access_ttl(10);
     let (_, jar) = login(&proxy, "alice").await;
     assert_csrf(&send(&proxy, &jar, "POST", &[("origin", "http://evil.example".into())]).await, "POST");
@@ -133,10 +123,10 @@ async fn a_foreign_request_never_triggers_a_refresh() {
 
 #[tokio::test]
 async fn session_endpoints_follow_the_same_rule() {
-    let (idp, _up, proxy, jar) = setup().await;
+    let (idp, _up, proxy, jar) = logged_in().await;
     let foreign = [None, Some("http://evil.example")];
     for origin in foreign {
-        let with = |req: support::Req| match origin {
+        let with = |req: Req| match origin {
             Some(o) => req.header("origin", o),
             None => req,
         };
@@ -150,7 +140,7 @@ async fn session_endpoints_follow_the_same_rule() {
         assert_csrf(&r, &format!("login from {what}"));
     }
     assert_eq!(token_calls(&idp), 0);
-    assert_eq!(revocations(&idp), 0, "a forged logout revokes nothing");
+    assert_eq!(revoke_calls(&idp), 0, "a forged logout revokes nothing");
     assert_eq!(api(&proxy, &jar).await.status, 200, "the session is intact");
 
     // From an allowed origin all three work.
@@ -165,5 +155,5 @@ async fn session_endpoints_follow_the_same_rule() {
     assert_eq!(r.status, 200, "{}", r.text());
     let r = jar.on(post(proxy.url("/auth/logout"), "")).header("origin", APP_ORIGIN).send().await;
     assert_eq!(r.status, 204, "{}", r.text());
-    assert_eq!(revocations(&idp), 1);
+    assert_eq!(revoke_calls(&idp), 1);
 }
