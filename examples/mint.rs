@@ -15,7 +15,7 @@ fn main() {
     let key = EncodingKey::from_rsa_pem(&pem).expect("fixture key is an RSA PEM");
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("rsa1".to_owned());
-    let now = portcullis::auth::unix_now();
+    let now = portcullis::bench::unix_now();
     for i in 0..count {
         let claims = serde_json::json!({
             "iss": issuer, "sub": format!("user-{i}"), "aud": "orders-api", "exp": now + ttl, "iat": now,

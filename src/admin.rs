@@ -10,16 +10,16 @@ use hyper::body::Incoming;
 
 use crate::auth::revocation::Revocation;
 use crate::body::{error_body, full, json_response, Body};
-use crate::state::Shared;
+use crate::state::Runtime;
 
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
-pub async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
+pub async fn handle(req: Request<Incoming>, rt: &Runtime) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => readyz(shared),
+        (&Method::GET, "/readyz") => readyz(rt),
         (&Method::GET, "/metrics") => {
-            let mut resp = Response::new(full(shared.metrics.render()));
+            let mut resp = Response::new(full(rt.metrics.render()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -28,9 +28,9 @@ pub async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
         }
         (&Method::GET, "/revocations") => json_response(
             StatusCode::OK,
-            &serde_json::to_value(shared.revocations.list()).unwrap_or_default(),
+            &serde_json::to_value(rt.verifier.revocations.list()).unwrap_or_default(),
         ),
-        (&Method::POST, "/revocations") => post_revocation(req, shared).await,
+        (&Method::POST, "/revocations") => post_revocation(req, rt).await,
         (_, "/healthz" | "/readyz" | "/metrics" | "/revocations") => {
             error_body(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
         }
@@ -38,14 +38,14 @@ pub async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
     }
 }
 
-fn readyz(shared: &Shared) -> Response<Body> {
-    if shared.draining.load(Ordering::SeqCst) {
+fn readyz(rt: &Runtime) -> Response<Body> {
+    if rt.draining.load(Ordering::SeqCst) {
         return json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "draining"}));
     }
-    let snap = shared.current.load();
+    let snap = rt.current.load();
     let waiting: Vec<&str> =
-        snap.issuers.values().filter(|i| !i.store.is_ready()).map(|i| i.store.name()).collect();
-    if !shared.store.ready() {
+        snap.issuers.values().filter(|i| !i.keys.is_ready()).map(|i| i.keys.name()).collect();
+    if !rt.fleet.ready() {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"status": "loading the shared revocation list"}),
@@ -61,7 +61,7 @@ fn readyz(shared: &Shared) -> Response<Body> {
     }
 }
 
-async fn post_revocation(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
+async fn post_revocation(req: Request<Incoming>, rt: &Runtime) -> Response<Body> {
     let bytes = match Limited::new(req.into_body(), MAX_ADMIN_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
@@ -81,8 +81,7 @@ async fn post_revocation(req: Request<Incoming>, shared: &Shared) -> Response<Bo
     if let Err(m) = entry.validate() {
         return error_body(StatusCode::BAD_REQUEST, "bad_request", m);
     }
-    shared.revocations.insert(&entry);
-    shared.store.publish_revocation(&entry).await;
+    rt.fleet.revoke(&entry).await;
     tracing::info!(
         kind = match entry {
             Revocation::Jti { .. } => "jti",

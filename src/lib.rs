@@ -1,42 +1,53 @@
 //! portcullis: an edge authentication proxy.
 //!
+//! The phases of a request, and the module that owns each (the one
+//! authoritative copy; README's "What happens to a request" follows it):
+//!
 //! ```text
-//! accept (server) ─ TLS (server::tls) ─ hyper auto h1/h2
-//!   └─ proxy::handle
-//!        1. auth::strip_inbound_identity   client identity headers never pass
-//!        2. route::RouteTable::find        host + longest segment-aware prefix
-//!        3. auth::authenticate             token → Admitted, or AuthError
-//!        4. forward::send                  upstream, 502/504 classification
-//!        5. access log
-//!   any error → error::ProxyError::into_response (the only place a status is chosen)
+//! server    accept; TLS handshake (tls: SNI, ALPN) with a deadline; HTTP/1.1 or HTTP/2
+//!           (ALPN, or the first bytes on the plain listener); slow-client deadlines
+//!   proxy::handle(req, &Conn, &Snapshot, &Runtime)
+//!     0. target      path normalised, host validated, once      → 400 bad_request
+//!     1. forward::identity::strip_inbound                        client identity headers never pass
+//!     2. session::endpoints                                      login, callback, refresh, logout answer here
+//!     3. route       host + longest segment-aware prefix         → 404 no_route
+//!     4. credential  auth::bearer, else session (cookies; CSRF; expired / expiring / missing
+//!                    access token → session::refresh, single-flight, fleet-wide)
+//!        auth::authenticate   revocation, audience, scopes       → 401 / 403 / 503
+//!     5. forward     identity headers from claims, proxy cookies scrubbed, hop-by-hop,
+//!                    X-Forwarded-*, Forwarded; streamed; Upgrade tunnelled → 502 / 504 / 413
+//!     6. finish      Set-Cookie, request id, metrics, one access-log line
+//!   any Err → error::ProxyError::into_response (the only place a status is chosen)
 //! ```
+//!
+//! Beside the path: `state` (Snapshot per configuration, Runtime across them),
+//! `config` (data only), `reload`, `admin`, `metrics`, `oauth` (the
+//! authorization-server client), `fleet` (Redis-shared state).
 
-pub mod admin;
-pub mod auth;
-pub mod body;
-pub mod client;
+pub(crate) mod admin;
+pub(crate) mod auth;
+pub(crate) mod body;
+pub(crate) mod clock;
 pub mod config;
-pub mod discovery;
-pub mod error;
-pub mod forward;
-pub mod metrics;
-pub mod oauth;
-pub mod proxy;
+pub(crate) mod conn;
+pub(crate) mod error;
+pub(crate) mod fleet;
+pub(crate) mod forward;
+pub(crate) mod metrics;
+pub(crate) mod oauth;
+pub(crate) mod proxy;
 pub mod reload;
-pub mod route;
-pub mod server;
-pub mod session;
-pub mod state;
-pub mod store;
-pub mod target;
+pub(crate) mod route;
+pub mod run;
+pub(crate) mod server;
+pub(crate) mod session;
+pub(crate) mod state;
+pub(crate) mod target;
+pub(crate) mod tls;
+
+#[doc(hidden)]
+pub mod bench;
 
 pub use server::{Addrs, Server};
-pub mod run;
-
-/// A fresh random cookie key: 32 bytes, base64.
-pub fn keygen() -> Option<String> {
-    use base64::Engine as _;
-    let mut key = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).ok()?;
-    Some(base64::engine::general_purpose::STANDARD.encode(key))
-}
+pub use session::seal::keygen;
+pub use state::Runtime;

@@ -2,7 +2,11 @@
 //! RFC 7009 revocation, client authentication modes, and a hard timeout.
 //! Outcomes are classified by origin: `invalid_grant` ends a session; anything
 //! else that goes wrong (unreachable, slow, 5xx, misconfigured client) is the
-//! server's problem and must not log anyone out.
+//! server's problem and must not log anyone out. Also the one outbound client
+//! shape (http or https with public roots, HTTP/1.1, pooled) used for the
+//! authorization server, discovery and JWKS.
+
+pub mod discovery;
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -13,10 +17,38 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
 
-use crate::client::HttpsClient;
+use crate::body::BoxError;
 use crate::config::{AuthServerSettings, ClientAuth};
+
+pub type HttpsClient<B> = Client<HttpsConnector<HttpConnector>, B>;
+
+/// The outbound client for calls the proxy makes itself.
+pub fn outbound_client<B>(connect_timeout: Duration) -> Result<HttpsClient<B>, rustls::Error>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let tls = crate::tls::client_config(&[])?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_timer(TokioTimer::new())
+        .build(connector))
+}
 
 const MAX_TOKEN_RESPONSE: usize = 256 * 1024;
 
@@ -29,14 +61,27 @@ pub struct Tokens {
     pub expires_in: Option<u64>,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why a call to the authorization server did not give tokens. Only
+/// `InvalidGrant` ends a session; every other variant is the server's problem.
+#[derive(Debug, thiserror::Error)]
 pub enum GrantError {
     /// The grant is dead (RFC 6749 §5.2 `invalid_grant`): the session is over.
     #[error("the authorization server answered invalid_grant")]
     InvalidGrant,
-    /// Unreachable, slow, 5xx, or any other unusable answer.
-    #[error("authorization server error: {0}")]
-    Unavailable(String),
+    #[error("the endpoint is not known yet (discovery pending)")]
+    NotDiscovered,
+    #[error("cannot build the request")]
+    Build(#[source] http::Error),
+    #[error("the request failed")]
+    Request(#[source] hyper_util::client::legacy::Error),
+    #[error("reading the answer failed")]
+    Body(#[source] BoxError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the server answered {status} {}", .error.as_deref().unwrap_or(""))]
+    Status { status: StatusCode, error: Option<String> },
+    #[error("the token response holds no access_token")]
+    NoAccessToken,
 }
 
 #[derive(Deserialize)]
@@ -83,7 +128,7 @@ impl OAuthClient {
             }
         }
         Ok(Self {
-            client: crate::client::build(s.timeout)?,
+            client: outbound_client(s.timeout)?,
             settings: AuthSettings {
                 endpoints,
                 client_id: s.client_id.clone(),
@@ -138,7 +183,7 @@ impl OAuthClient {
         if status.is_success() {
             Ok(())
         } else {
-            Err(GrantError::Unavailable(format!("revocation answered {status}")))
+            Err(GrantError::Status { status, error: None })
         }
     }
 
@@ -154,17 +199,13 @@ impl OAuthClient {
         if let Some(ct) = content_type {
             req = req.header(header::CONTENT_TYPE, ct);
         }
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| GrantError::Unavailable(format!("cannot build request: {e}")))?;
+        let req = req.body(Full::new(body)).map_err(GrantError::Build)?;
         self.exchange(req).await
     }
 
     async fn token_request(&self, form: &[(&str, &str)]) -> Result<Tokens, GrantError> {
         let token_url = self.settings.endpoints.load().token.clone();
-        let Some(token_url) = token_url else {
-            return Err(GrantError::Unavailable("token endpoint not discovered yet".into()));
-        };
+        let Some(token_url) = token_url else { return Err(GrantError::NotDiscovered) };
         let (status, body) = self.post(token_url, form).await?;
         let parsed: Option<TokenResponse> = serde_json::from_slice(&body).ok();
         if status.is_success() {
@@ -172,7 +213,7 @@ impl OAuthClient {
                 Some(TokenResponse { access_token: Some(a), refresh_token, expires_in, .. }) => {
                     Ok(Tokens { access_token: a, refresh_token, expires_in })
                 }
-                _ => Err(GrantError::Unavailable("token response without access_token".into())),
+                _ => Err(GrantError::NoAccessToken),
             };
         }
         let error = parsed.and_then(|p| p.error);
@@ -181,10 +222,7 @@ impl OAuthClient {
         {
             return Err(GrantError::InvalidGrant);
         }
-        Err(GrantError::Unavailable(format!(
-            "token endpoint answered {status} {}",
-            error.unwrap_or_default()
-        )))
+        Err(GrantError::Status { status, error })
     }
 
     /// The form body, with client credentials for the modes that send them in it.
@@ -213,20 +251,14 @@ impl OAuthClient {
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, "portcullis");
         if let (ClientAuth::SecretBasic, Some(secret)) = (s.client_auth, &s.client_secret) {
-            {
-                // RFC 6749 §2.3.1: both parts form-urlencoded before base64.
-                let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
-                let raw = format!("{}:{}", enc(&s.client_id), enc(secret));
-                let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw));
-                let value = HeaderValue::try_from(value)
-                    .map_err(|_| GrantError::Unavailable("bad client credentials".into()))?;
-                builder = builder.header(header::AUTHORIZATION, value);
-            }
+            // RFC 6749 §2.3.1: both parts form-urlencoded before base64.
+            let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+            let raw = format!("{}:{}", enc(&s.client_id), enc(secret));
+            let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw));
+            builder = builder.header(header::AUTHORIZATION, value);
         }
         let body = self.encode_form(pairs);
-        let req = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| GrantError::Unavailable(format!("cannot build request: {e}")))?;
+        let req = builder.body(Full::new(Bytes::from(body))).map_err(GrantError::Build)?;
         let (status, _, body) = self.exchange(req).await?;
         Ok((status, body))
     }
@@ -238,22 +270,13 @@ impl OAuthClient {
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), GrantError> {
         let timeout = self.settings.timeout;
         let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| GrantError::Unavailable(format!("request failed: {e}")))?;
+            let resp = self.client.request(req).await.map_err(GrantError::Request)?;
             let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_TOKEN_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| GrantError::Unavailable(format!("reading the answer failed: {e}")))?
-                .to_bytes();
+            let body =
+                Limited::new(body, MAX_TOKEN_RESPONSE).collect().await.map_err(GrantError::Body)?.to_bytes();
             Ok((parts.status, parts.headers, body))
         };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| GrantError::Unavailable(format!("no answer within {timeout:?}")))?
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| GrantError::Timeout(timeout))?
     }
 }
 
@@ -262,12 +285,12 @@ impl OAuthClient {
 async fn discover(issuer: String, endpoints: Weak<ArcSwap<Endpoints>>) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        match crate::discovery::fetch(&issuer).await {
+        match discovery::fetch(&issuer).await {
             Ok(meta) => {
                 let Some(e) = endpoints.upgrade() else { return };
                 let cur = e.load_full();
                 let pick = |explicit: &Option<Uri>, found: Option<&str>| {
-                    explicit.clone().or_else(|| crate::discovery::parse_uri(found))
+                    explicit.clone().or_else(|| discovery::parse_uri(found))
                 };
                 e.store(Arc::new(Endpoints {
                     token: pick(&cur.token, meta.token_endpoint.as_deref()),

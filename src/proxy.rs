@@ -1,42 +1,49 @@
-//! The request pipeline, in the order of SPEC §4:
-//! strip inbound identity → route → authenticate → forward → access log.
-//! Every error becomes a response in `error.rs`; this function only sequences.
+//! The request pipeline, each stage entered once, in the order of SPEC §4:
+//!
+//! ```text
+//! target → strip inbound identity → session endpoint? → route
+//!   → credential (bearer, else session: fresh token, maybe refreshed) → authenticate
+//!   → forward → finish (Set-Cookie, metrics, access log; Err → error::into_response)
+//! ```
+//!
+//! Stages return values or errors; only `finish` turns an error into an answer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::auth::{self, Admitted};
+use crate::auth::{self, Claims, Credential};
 use crate::body::Body;
+use crate::conn::Conn;
 use crate::error::ProxyError;
-use crate::forward;
-use crate::session::endpoints;
-use crate::state::{Conn, Shared, Snapshot};
+use crate::forward::identity;
+use crate::session::{csrf, endpoints, SessionCtx};
+use crate::state::{Route, Runtime, Snapshot};
 use crate::target::Target;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// What the access log line reports about one request.
+/// What the access log line and the metrics report about one request.
 #[derive(Default)]
-struct Outcome {
+struct Record {
     /// The matched route; `Arc` clones, so the access log costs no allocation.
-    route: Option<std::sync::Arc<crate::state::Route>>,
+    route: Option<Arc<Route>>,
     /// Set for the session endpoints, which are not routes.
     endpoint: bool,
-    claims: Option<std::sync::Arc<crate::auth::Claims>>,
+    claims: Option<Arc<Claims>>,
     upstream_time: Option<Duration>,
     error: Option<&'static str>,
     set_cookies: Vec<HeaderValue>,
 }
 
-impl Outcome {
+impl Record {
     fn route_name(&self) -> &str {
         match &self.route {
-            Some(r) => &r.settings.name,
+            Some(r) => &r.name,
             None if self.endpoint => "session",
             None => "-",
         }
@@ -47,91 +54,112 @@ pub async fn handle(
     mut req: Request<Incoming>,
     conn: &Conn,
     snap: &Snapshot,
-    shared: &Shared,
+    rt: &Runtime,
 ) -> Response<Body> {
     let started = Instant::now();
     let request_id = request_id(&mut req);
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let mut outcome = Outcome::default();
-    let mut resp = match pipeline(req, conn, snap, shared, &mut outcome).await {
+    let mut record = Record::default();
+    let resp = match pipeline(req, conn, snap, rt, &mut record).await {
         Ok(resp) => resp,
         Err(e) => {
-            outcome.error = Some(e.code());
+            record.error = Some(e.code());
             if let ProxyError::Auth(a) = &e {
-                shared.metrics.rejection(a.code());
+                rt.metrics.rejection(a.code());
             }
-            log_error(&e, outcome.route_name());
+            log_error(&e, record.route_name());
             e.into_response()
         }
     };
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
-    // Cookies from a refresh go out whatever the upstream answered: the old
-    // refresh token may already be rotated away.
-    for c in outcome.set_cookies.drain(..) {
-        resp.headers_mut().append(http::header::SET_COOKIE, c);
-    }
-    let status = resp.status().as_u16();
-    match outcome.route.as_ref().map(|r| &r.metrics) {
-        Some(m) => {
-            m.record_status(status);
-            if let Some(t) = outcome.upstream_time {
-                m.record_upstream(t);
-            }
-        }
-        None => shared.metrics.unrouted.record_status(status),
-    }
-    tracing::info!(
-        target: "portcullis::access",
-        request_id = request_id.to_str().unwrap_or(""),
-        method = %method,
-        path = uri.path(),
-        route = outcome.route_name(),
-        status = resp.status().as_u16(),
-        duration_us = started.elapsed().as_micros() as u64,
-        upstream_us = outcome.upstream_time.map(|d| d.as_micros() as u64),
-        subject = outcome.claims.as_ref().and_then(|c| c.sub.as_deref()),
-        error = outcome.error,
-        "request"
-    );
-    resp
+    finish(resp, record, request_id, &method, &uri, started, rt)
 }
 
 async fn pipeline(
     mut req: Request<Incoming>,
     conn: &Conn,
     snap: &Snapshot,
-    shared: &Shared,
-    outcome: &mut Outcome,
+    rt: &Runtime,
+    record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
     // 0. The path and host, read once for routing and forwarding alike.
     let target = Target::read(&req).map_err(|e| ProxyError::BadRequest(e.description()))?;
     // 1. Identity headers are the proxy's alone, on every route.
-    auth::strip_inbound_identity(req.headers_mut(), &snap.identity_names);
+    identity::strip_inbound(req.headers_mut(), &snap.identity_names);
+    let session = snap.sessions.as_ref().map(|sessions| SessionCtx {
+        sessions,
+        verifier: &rt.verifier,
+        broker: &rt.broker,
+        fleet: &rt.fleet,
+    });
     // 2. The session endpoints answer themselves.
-    if let Some(sessions) = &snap.sessions {
-        if let Some(ep) = endpoints::which(sessions, target.path()) {
-            outcome.endpoint = true;
-            let set_cookies = &mut outcome.set_cookies;
-            return Ok(endpoints::serve(ep, req, conn, &target, sessions, shared, set_cookies).await?);
+    if let Some(cx) = &session {
+        if let Some(ep) = endpoints::which(cx.sessions, target.path()) {
+            record.endpoint = true;
+            return Ok(endpoints::serve(ep, req, conn, &target, cx, &mut record.set_cookies).await?);
         }
     }
     // 3. Route by host and path.
     let route = snap.routes.find(target.authority_str(), target.path()).ok_or(ProxyError::NoRoute)?.clone();
-    outcome.route = Some(route.clone());
-    // 4. Decide identity per the route's policy (may refresh and set cookies).
-    let sessions = snap.sessions.as_ref();
-    let admitted: Admitted =
-        auth::authenticate(&req, conn, &target, &route, sessions, shared, &mut outcome.set_cookies).await?;
-    outcome.claims = admitted.claims();
-    // The proxy's cookies never reach an upstream.
-    if let Some(sessions) = &snap.sessions {
-        sessions.scrub_upstream_cookies(req.headers_mut());
+    record.route = Some(route.clone());
+    // 4. The credential: the Authorization header, else the session's (maybe refreshed) token.
+    let policy = &route.policy;
+    let mut credential = Credential::from_header(req.headers());
+    if let (Credential::None, Some(cx), true) =
+        (&credential, &session, policy.mode != crate::config::AuthMode::None)
+    {
+        let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
+        let issuer = policy.issuer.as_ref();
+        credential = cx.credential(req.method(), req.headers(), own, issuer, &mut record.set_cookies).await?;
     }
+    let admitted = auth::authenticate(credential, policy, &rt.verifier).await?;
+    record.claims = admitted.claims().cloned();
     // 5. Forward.
-    let sent = forward::send(req, &target, &route.settings, &route.upstream, conn, &admitted).await?;
-    outcome.upstream_time = Some(sent.upstream_time);
+    let sent = route.forwarder.send(req, &target, conn, &admitted, &snap.own_cookies).await?;
+    record.upstream_time = Some(sent.upstream_time);
     Ok(sent.response)
+}
+
+/// Set-Cookie, request id, metrics and the access log: once per request, whatever happened.
+fn finish(
+    mut resp: Response<Body>,
+    mut record: Record,
+    request_id: HeaderValue,
+    method: &http::Method,
+    uri: &http::Uri,
+    started: Instant,
+    rt: &Runtime,
+) -> Response<Body> {
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
+    // Cookies from a refresh go out whatever the upstream answered: the old
+    // refresh token may already be rotated away.
+    for c in record.set_cookies.drain(..) {
+        resp.headers_mut().append(http::header::SET_COOKIE, c);
+    }
+    let status = resp.status().as_u16();
+    match record.route.as_ref().map(|r| &r.metrics) {
+        Some(m) => {
+            m.record_status(status);
+            if let Some(t) = record.upstream_time {
+                m.record_upstream(t);
+            }
+        }
+        None => rt.metrics.unrouted.record_status(status),
+    }
+    tracing::info!(
+        target: "portcullis::access",
+        request_id = request_id.to_str().unwrap_or(""),
+        method = %method,
+        path = uri.path(),
+        route = record.route_name(),
+        status,
+        duration_us = started.elapsed().as_micros() as u64,
+        upstream_us = record.upstream_time.map(|d| d.as_micros() as u64),
+        subject = record.claims.as_ref().and_then(|c| c.sub.as_deref()),
+        error = record.error,
+        "request"
+    );
+    resp
 }
 
 fn log_error(e: &ProxyError, route: &str) {

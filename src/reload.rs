@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::ConfigErrors;
-use crate::state::{BuildError, Shared, Snapshot};
+use crate::state::{BuildError, Runtime, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -22,29 +22,26 @@ pub enum ReloadError {
 }
 
 /// Loads, validates and swaps in `path`; on failure the running configuration stays.
-pub fn reload(shared: &Shared, path: &Path) -> Result<(), ReloadError> {
+pub fn reload(rt: &Runtime, path: &Path) -> Result<(), ReloadError> {
     let result = crate::config::load(path).map_err(ReloadError::from).and_then(|config| {
-        let old = shared.current.load();
-        if config.listen.http != old.config.listen.http
-            || config.listen.https != old.config.listen.https
-            || config.listen.admin != old.config.listen.admin
-        {
+        let old = rt.current.load();
+        if config.listen != old.listen {
             tracing::warn!("[listen] changed; listener addresses take effect only on restart");
         }
         for w in &config.warnings {
             tracing::warn!(problem = %w, "configuration warning");
         }
-        Ok(Snapshot::build(config, shared)?)
+        Ok(Snapshot::build(config, &rt.registry, &rt.metrics)?)
     });
     match result {
         Ok(snap) => {
-            shared.current.store(Arc::new(snap));
-            shared.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            rt.current.store(Arc::new(snap));
+            rt.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
             tracing::info!(config = %path.display(), "configuration reloaded");
             Ok(())
         }
         Err(e) => {
-            shared.metrics.reloads_error.fetch_add(1, Ordering::Relaxed);
+            rt.metrics.reloads_error.fetch_add(1, Ordering::Relaxed);
             for line in e.to_string().lines() {
                 tracing::error!(problem = line, "configuration rejected; the running configuration stays");
             }
@@ -61,12 +58,12 @@ fn fingerprint(path: &Path) -> Option<[u8; 32]> {
 
 /// Reloads when `path` changes: polled every `interval`, applied once the content
 /// has been stable for one more poll (editors write in several steps).
-pub async fn watch(shared: std::sync::Weak<Shared>, path: PathBuf, interval: Duration) {
+pub async fn watch(runtime: std::sync::Weak<Runtime>, path: PathBuf, interval: Duration) {
     let mut applied = fingerprint(&path);
     let mut pending: Option<[u8; 32]> = None;
     loop {
         tokio::time::sleep(interval).await;
-        let Some(shared) = shared.upgrade() else { return };
+        let Some(rt) = runtime.upgrade() else { return };
         let now = fingerprint(&path);
         match (now, pending) {
             (Some(fp), _) if Some(fp) == applied => pending = None,
@@ -74,7 +71,7 @@ pub async fn watch(shared: std::sync::Weak<Shared>, path: PathBuf, interval: Dur
                 applied = Some(fp);
                 pending = None;
                 tracing::info!(config = %path.display(), "configuration file changed; reloading");
-                let _ = reload(&shared, &path);
+                let _ = reload(&rt, &path);
             }
             (Some(fp), _) => pending = Some(fp),
             (None, _) => {}

@@ -39,14 +39,14 @@ pub async fn run(path: PathBuf) -> ExitCode {
     let addrs = server.addrs();
     tracing::info!(http = ?addrs.http, https = ?addrs.https, admin = ?addrs.admin, config = %path.display(), "portcullis listening");
 
-    let weak = Arc::downgrade(&server.shared());
+    let weak = Arc::downgrade(&server.runtime());
     tokio::spawn(crate::reload::watch(weak.clone(), path.clone(), Duration::from_secs(1)));
     let hup_path = path.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!(signal = "SIGHUP", "reloading configuration");
-            let Some(shared) = weak.upgrade() else { return };
-            let _ = crate::reload::reload(&shared, &hup_path);
+            let Some(rt) = weak.upgrade() else { return };
+            let _ = crate::reload::reload(&rt, &hup_path);
         }
     });
 

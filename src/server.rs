@@ -1,9 +1,9 @@
 //! Listeners: the accept loop (hyper-util `server_graceful` shape), TLS handshake
-//! with a timeout, HTTP/1.1 + HTTP/2 with upgrades, a connection limit per
+//! with a timeout, HTTP/1.1 (with upgrades) or HTTP/2 chosen by ALPN or by the
+//! first bytes, deadlines for slow clients (`guard`), a connection limit per
 //! listener, and a bounded drain on shutdown.
 
 mod guard;
-pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,9 +17,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::auth::unix_now;
+use crate::clock::unix_now;
 use crate::config::{Config, Limits};
-use crate::state::{BuildError, Conn, Shared};
+use crate::conn::Conn;
+use crate::state::{BuildError, Runtime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -50,7 +51,7 @@ enum Kind {
 }
 
 pub struct Server {
-    shared: Arc<Shared>,
+    runtime: Arc<Runtime>,
     listeners: Vec<(Kind, TcpListener)>,
     addrs: Addrs,
 }
@@ -59,7 +60,7 @@ impl Server {
     /// Builds the runtime state and binds every configured listener.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let listen = config.listen.clone();
-        let shared = Shared::new(config)?;
+        let runtime = Runtime::new(config)?;
         let mut listeners = Vec::new();
         let mut addrs = Addrs::default();
         for (kind, key, addr) in [
@@ -77,16 +78,16 @@ impl Server {
             }
             listeners.push((kind, l));
         }
-        tokio::spawn(sweep(Arc::downgrade(&shared)));
-        Ok(Self { shared, listeners, addrs })
+        tokio::spawn(sweep(Arc::downgrade(&runtime)));
+        Ok(Self { runtime, listeners, addrs })
     }
 
     pub fn addrs(&self) -> Addrs {
         self.addrs
     }
 
-    pub fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.clone()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and drains in-flight
@@ -101,7 +102,7 @@ impl Server {
         let mut loops = Vec::new();
         let mut admin_loops = Vec::new();
         for (kind, listener) in self.listeners {
-            let shared = self.shared.clone();
+            let shared = self.runtime.clone();
             if kind == Kind::Admin {
                 admin_loops.push(tokio::spawn(accept_loop(kind, listener, shared, admin.clone(), None)));
             } else {
@@ -110,13 +111,13 @@ impl Server {
             }
         }
         shutdown.await;
-        self.shared.draining.store(true, Ordering::SeqCst);
+        self.runtime.draining.store(true, Ordering::SeqCst);
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         proxy.stop();
         for l in loops {
             let _ = l.await;
         }
-        let drain = self.shared.current.load().limits.drain_timeout;
+        let drain = self.runtime.current.load().limits.drain_timeout;
         match tokio::time::timeout(drain, open.none_left()).await {
             Ok(()) => tracing::info!("drained"),
             Err(_) => {
@@ -124,6 +125,9 @@ impl Server {
             }
         }
         proxy.force();
+        // Let the forced connections close before the runtime goes: a task torn down
+        // with the runtime could otherwise see its upstream vanish and answer 502.
+        let _ = tokio::time::timeout(Duration::from_secs(1), open.none_left()).await;
         admin.stop();
         admin.force();
         for l in admin_loops {
@@ -178,7 +182,7 @@ impl OpenConnections {
 async fn accept_loop(
     kind: Kind,
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Runtime>,
     signals: Signals,
     open: Option<Arc<OpenConnections>>,
 ) {
@@ -251,7 +255,7 @@ async fn serve_connection(
     kind: Kind,
     stream: TcpStream,
     peer: SocketAddr,
-    shared: &Arc<Shared>,
+    shared: &Arc<Runtime>,
     signals: &Signals,
 ) {
     let snap = shared.current.load_full();
@@ -314,7 +318,7 @@ async fn serve_connection(
 async fn serve_h1<IO>(
     io: IO,
     conn: Arc<Conn>,
-    shared: &Arc<Shared>,
+    shared: &Arc<Runtime>,
     limits: &Limits,
     stop: watch::Receiver<bool>,
     force: watch::Receiver<bool>,
@@ -329,7 +333,7 @@ async fn serve_h1<IO>(
 async fn serve_h2<IO>(
     io: IO,
     conn: Arc<Conn>,
-    shared: &Arc<Shared>,
+    shared: &Arc<Runtime>,
     limits: &Limits,
     stop: watch::Receiver<bool>,
     force: watch::Receiver<bool>,
@@ -391,7 +395,7 @@ async fn drive<C, E>(
 }
 
 fn proxy_service(
-    shared: Arc<Shared>,
+    shared: Arc<Runtime>,
     conn: Arc<Conn>,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
@@ -414,11 +418,11 @@ fn proxy_service(
 }
 
 /// Forgets revocations of tokens that have expired anyway.
-async fn sweep(shared: std::sync::Weak<Shared>) {
+async fn sweep(runtime: std::sync::Weak<Runtime>) {
     loop {
         tokio::time::sleep(Duration::from_secs(30)).await;
-        let Some(s) = shared.upgrade() else { return };
-        s.revocations.sweep(unix_now());
+        let Some(rt) = runtime.upgrade() else { return };
+        rt.verifier.revocations.sweep(unix_now());
     }
 }
 

@@ -84,10 +84,12 @@ impl TokenCache {
         self.map.insert(key, Entry { claims, issuer, generation });
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

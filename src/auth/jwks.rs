@@ -10,6 +10,7 @@
 //! whole, and its generation bumped only when the document changed, which
 //! invalidates verified-token cache entries made with removed keys.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -20,12 +21,13 @@ use http::{header, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 
 use super::keys::{self, KeySet};
+use crate::config::KeySource;
 use crate::metrics::Metrics;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_JWKS_BYTES: usize = 1 << 20;
 
-type FetchClient = crate::client::HttpsClient<Empty<Bytes>>;
+type FetchClient = crate::oauth::HttpsClient<Empty<Bytes>>;
 
 /// Where a remote key set comes from.
 pub enum Remote {
@@ -34,7 +36,7 @@ pub enum Remote {
     Discover(String),
 }
 
-pub struct KeyStore {
+pub struct IssuerKeys {
     name: String,
     source: Option<Remote>,
     /// The JWKS URL: configured, or read from discovery (then re-read after a failure).
@@ -70,9 +72,15 @@ pub enum FetchError {
         #[source]
         source: keys::KeyError,
     },
+    #[error("issuer {issuer}: discovery failed")]
+    Discovery {
+        issuer: String,
+        #[source]
+        source: crate::oauth::discovery::DiscoveryError,
+    },
 }
 
-impl KeyStore {
+impl IssuerKeys {
     pub fn fixed(name: &str, keys: Arc<KeySet>, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_owned(),
@@ -97,7 +105,7 @@ impl KeyStore {
             Remote::Jwks(u) => ArcSwapOption::from_pointee(u.clone()),
             Remote::Discover(_) => ArcSwapOption::empty(),
         };
-        let client = crate::client::build(FETCH_TIMEOUT).ok();
+        let client = crate::oauth::outbound_client(FETCH_TIMEOUT).ok();
         let store = Arc::new(Self {
             name: name.to_owned(),
             source: Some(source),
@@ -121,7 +129,7 @@ impl KeyStore {
     }
 
     /// The current keys, or `None` before the first successful fetch.
-    pub fn keys(&self) -> Option<Arc<KeySet>> {
+    pub fn current(&self) -> Option<Arc<KeySet>> {
         self.keys.load_full()
     }
 
@@ -141,7 +149,7 @@ impl KeyStore {
         }
         let _fetching = self.fetching.lock().await;
         // A flight that ended while this caller waited may have brought the key.
-        if self.keys().is_some_and(|k| k.has_kid(kid)) {
+        if self.current().is_some_and(|k| k.has_kid(kid)) {
             return true;
         }
         {
@@ -154,7 +162,7 @@ impl KeyStore {
         if let Err(e) = self.fetch().await {
             tracing::warn!(issuer = %self.name, error = %e, cause = ?std::error::Error::source(&e).map(ToString::to_string), "JWKS refetch failed; keeping the last good keys");
         }
-        self.keys().is_some_and(|k| k.has_kid(kid))
+        self.current().is_some_and(|k| k.has_kid(kid))
     }
 
     /// Fetches once (serialised with other fetches); returns the `max-age` if the server gave one.
@@ -174,15 +182,11 @@ impl KeyStore {
         let url = match (self.url.load_full(), source) {
             (Some(u), _) => u,
             (None, Remote::Discover(url)) => {
-                let meta = crate::discovery::fetch(url)
-                    .await
-                    .map_err(|e| FetchError::Request { issuer: self.name.clone(), source: e.into() })?;
-                let u = crate::discovery::parse_uri(meta.jwks_uri.as_deref()).ok_or_else(|| {
-                    FetchError::Request {
-                        issuer: self.name.clone(),
-                        source: "the discovery document has no usable jwks_uri".into(),
-                    }
-                })?;
+                use crate::oauth::discovery;
+                let failed = |source| FetchError::Discovery { issuer: self.name.clone(), source };
+                let meta = discovery::fetch(url).await.map_err(failed)?;
+                let u = discovery::parse_uri(meta.jwks_uri.as_deref())
+                    .ok_or_else(|| failed(discovery::DiscoveryError::NoJwksUri))?;
                 let u = Arc::new(u);
                 self.url.store(Some(u.clone()));
                 u
@@ -235,7 +239,37 @@ impl KeyStore {
     }
 }
 
-async fn background(store: Weak<KeyStore>) {
+/// Key holders by (issuer name, source), so a reload that keeps an issuer keeps
+/// its keys (and their background refresh) instead of fetching them again.
+#[derive(Default)]
+pub struct Registry(std::sync::Mutex<HashMap<(String, String), Weak<IssuerKeys>>>);
+
+impl Registry {
+    pub fn get(
+        &self,
+        name: &str,
+        source: &KeySource,
+        refresh: Duration,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<IssuerKeys> {
+        let (key, remote) = match source {
+            KeySource::Static(keys) => return IssuerKeys::fixed(name, keys.clone(), metrics.clone()),
+            KeySource::JwksUrl(url) => (url.to_string(), Remote::Jwks(url.clone())),
+            KeySource::Discover(issuer) => (format!("discover:{issuer}"), Remote::Discover(issuer.clone())),
+        };
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+        let k = (name.to_owned(), key);
+        if let Some(s) = map.get(&k).and_then(Weak::upgrade) {
+            return s;
+        }
+        let s = IssuerKeys::remote(name, remote, refresh, metrics.clone());
+        map.insert(k, Arc::downgrade(&s));
+        s
+    }
+}
+
+async fn background(store: Weak<IssuerKeys>) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let Some(s) = store.upgrade() else { return };

@@ -20,6 +20,17 @@ use super::units::{parse_duration, parse_size};
 use super::{resolve, Problems};
 use crate::auth::keys::{self, KeyFamily, KeySet};
 
+/// An error and its causes as one message line: `what (because) (because)`.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!(" ({c})"));
+        cause = c.source();
+    }
+    out
+}
+
 /// Small helper so each check reads as one line.
 struct Ctx<'p, 'a> {
     p: &'p mut Problems<'a>,
@@ -210,8 +221,8 @@ fn build_limits(cx: &mut Ctx<'_, '_>, l: file::Limits) -> Limits {
 
 fn build_tls(cx: &mut Ctx<'_, '_>, t: file::Tls) -> Option<TlsSettings> {
     let path = KeyPath::root().key("tls");
-    let default = crate::server::tls::load_certified_key(&cx.file(&t.cert), &cx.file(&t.key))
-        .map_err(|m| cx.p.add(&path.key("cert"), m))
+    let default = crate::tls::load_certified_key(&cx.file(&t.cert), &cx.file(&t.key))
+        .map_err(|e| cx.p.add(&path.key("cert"), with_causes(&e)))
         .ok();
     let mut sni = Vec::new();
     for (i, c) in t.certificates.iter().enumerate() {
@@ -219,9 +230,9 @@ fn build_tls(cx: &mut Ctx<'_, '_>, t: file::Tls) -> Option<TlsSettings> {
         if c.server_names.is_empty() {
             cx.p.add(&p.key("server_names"), "list at least one server name");
         }
-        match crate::server::tls::load_certified_key(&cx.file(&c.cert), &cx.file(&c.key)) {
+        match crate::tls::load_certified_key(&cx.file(&c.cert), &cx.file(&c.key)) {
             Ok(ck) => sni.push((c.server_names.clone(), ck)),
-            Err(m) => cx.p.add(&p.key("cert"), m),
+            Err(e) => cx.p.add(&p.key("cert"), with_causes(&e)),
         }
     }
     Some(TlsSettings { default: default?, sni })
@@ -601,8 +612,8 @@ fn build_route(
     };
     let upstreams: Vec<Uri> = raw.iter().filter_map(|(p, u)| cx.url(p, u)).collect();
     let ca = match &r.ca_file {
-        Some(f) => crate::server::tls::load_certs(&cx.file(f))
-            .map_err(|m| cx.p.add(&path.key("ca_file"), m))
+        Some(f) => crate::tls::load_certs(&cx.file(f))
+            .map_err(|e| cx.p.add(&path.key("ca_file"), with_causes(&e)))
             .unwrap_or_default(),
         None => Vec::new(),
     };

@@ -28,24 +28,7 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
-impl Config {
-    /// A configuration with nothing in it, used only as a placeholder.
-    pub fn empty() -> Self {
-        Self {
-            listen: Listen::default(),
-            limits: Limits::default(),
-            tls: None,
-            issuers: Vec::new(),
-            auth_server: None,
-            session: None,
-            state: StateSettings::default(),
-            routes: Vec::new(),
-            warnings: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listen {
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,

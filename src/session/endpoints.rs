@@ -11,11 +11,12 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::refresh::Outcome;
-use super::{csrf, LoginState, RefreshCookie, Sessions};
-use crate::auth::{unix_now, AuthError};
+use super::cookies::{LoginState, RefreshCookie};
+use super::{csrf, refresh, SessionCtx, Sessions};
+use crate::auth::AuthError;
 use crate::body::{full, json_response, Body};
-use crate::state::{Conn, Shared};
+use crate::clock::unix_now;
+use crate::conn::Conn;
 use crate::target::Target;
 
 const MAX_LOGIN_BODY: usize = 64 * 1024;
@@ -57,15 +58,15 @@ pub async fn serve(
     req: Request<Incoming>,
     conn: &Conn,
     target: &Target,
-    sessions: &Arc<Sessions>,
-    shared: &Shared,
+    cx: &SessionCtx<'_>,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
     let post = req.method() == Method::POST;
     let get = req.method() == Method::GET;
+    let sessions = cx.sessions;
     match ep {
-        Endpoint::Refresh if post => refresh(req, conn, target, sessions, shared, cookies).await,
-        Endpoint::Logout if post => logout(req, conn, target, sessions, shared, cookies).await,
+        Endpoint::Refresh if post => refresh(req, conn, target, cx, cookies).await,
+        Endpoint::Logout if post => logout(req, conn, target, cx, cookies).await,
         Endpoint::Login if post && sessions.auth_server.login_url.is_some() => {
             login_passthrough(req, conn, target, sessions, cookies).await
         }
@@ -85,44 +86,20 @@ fn gate(req: &Request<Incoming>, conn: &Conn, target: &Target, s: &Sessions) -> 
     csrf::check(req.method(), req.headers(), own, &s.settings.allowed_origins).map_err(|_| AuthError::Csrf)
 }
 
-/// Refuses a session past `absolute_timeout`, clearing its cookies.
-fn within_absolute(
-    s: &Sessions,
-    rc: &RefreshCookie,
-    cookies: &mut Vec<HeaderValue>,
-    req: &super::RequestCookies,
-) -> Result<(), AuthError> {
-    if unix_now() > rc.login.saturating_add(s.settings.absolute_timeout.as_secs() as i64) {
-        cookies.extend(s.clear_session(req));
-        return Err(AuthError::SessionOver);
-    }
-    Ok(())
-}
-
 async fn refresh(
     req: Request<Incoming>,
     conn: &Conn,
     target: &Target,
-    s: &Arc<Sessions>,
-    shared: &Shared,
+    cx: &SessionCtx<'_>,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
+    let s = cx.sessions;
     gate(&req, conn, target, s)?;
-    let jar = s.cookies(req.headers());
-    let rc = s.open_refresh(&jar).ok_or(AuthError::Missing)?;
-    within_absolute(s, &rc, cookies, &jar)?;
-    match shared.refresh.refresh(&rc, s, &shared.metrics, &shared.store).await {
-        Outcome::Tokens(fresh) => {
-            cookies.extend(s.set_session(&fresh.access_token, &fresh.refresh, unix_now(), &jar));
-            let expires_in = fresh.expires_in.unwrap_or(0);
-            Ok(json_response(StatusCode::OK, &serde_json::json!({ "expires_in": expires_in })))
-        }
-        Outcome::SessionOver => {
-            cookies.extend(s.clear_session(&jar));
-            Err(AuthError::SessionOver.into())
-        }
-        Outcome::Unavailable => Err(AuthError::AuthServerDown.into()),
-    }
+    let jar = s.cookies.read(req.headers());
+    let rc = s.cookies.open_refresh(&jar).ok_or(AuthError::Missing)?;
+    let fresh = refresh::renew(&rc, &jar, s, cx.broker, cookies).await?;
+    let expires_in = fresh.expires_in.unwrap_or(0);
+    Ok(json_response(StatusCode::OK, &serde_json::json!({ "expires_in": expires_in })))
 }
 
 /// A `jti` revocation for an access token from our own (sealed, so trusted) cookie.
@@ -139,25 +116,25 @@ async fn logout(
     req: Request<Incoming>,
     conn: &Conn,
     target: &Target,
-    s: &Arc<Sessions>,
-    shared: &Shared,
+    cx: &SessionCtx<'_>,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
+    let s = cx.sessions;
     gate(&req, conn, target, s)?;
-    let jar = s.cookies(req.headers());
-    if let Some(rc) = s.open_refresh(&jar) {
+    let jar = s.cookies.read(req.headers());
+    if let Some(rc) = s.cookies.open_refresh(&jar) {
         // A rotated pair held for the grace window must not outlive the logout.
-        shared.refresh.end(&rc.rt);
+        cx.broker.end(&rc.rt);
         if let Err(e) = s.oauth.revoke(&rc.rt).await {
-            tracing::warn!(error = %e, "refresh token revocation failed; cookies cleared anyway");
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            tracing::warn!(error = %e, cause, "refresh token revocation failed; cookies cleared anyway");
         }
     }
     // The access token dies with the session, not at its `exp`: deny its `jti`.
-    if let Some(entry) = s.open_access(&jar).and_then(|at| access_revocation(&at)) {
-        shared.revocations.insert(&entry);
-        shared.store.publish_revocation(&entry).await;
+    if let Some(entry) = s.cookies.open_access(&jar).and_then(|at| access_revocation(&at)) {
+        cx.fleet.revoke(&entry).await;
     }
-    cookies.extend(s.clear_session(&jar));
+    cookies.extend(s.cookies.clear_session(&jar));
     let mut resp = Response::new(crate::body::empty());
     *resp.status_mut() = StatusCode::NO_CONTENT;
     Ok(resp)
@@ -174,7 +151,7 @@ async fn login_passthrough(
     let Some(url) = s.auth_server.login_url.clone() else {
         return Err(EndpointError::BadRequest("login passthrough is not configured"));
     };
-    let jar = s.cookies(req.headers());
+    let jar = s.cookies.read(req.headers());
     let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
     let body = Limited::new(req.into_body(), MAX_LOGIN_BODY)
         .collect()
@@ -182,7 +159,8 @@ async fn login_passthrough(
         .map_err(|_| EndpointError::BadRequest("login body unreadable or over 64 KiB"))?
         .to_bytes();
     let (status, headers, body) = s.oauth.passthrough(url, content_type, body).await.map_err(|e| {
-        tracing::warn!(error = %e, "login passthrough failed");
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        tracing::warn!(error = %e, cause, "login passthrough failed");
         AuthError::AuthServerDown
     })?;
     let parsed: Option<serde_json::Map<String, serde_json::Value>> =
@@ -199,7 +177,7 @@ async fn login_passthrough(
     let rt = obj.remove("refresh_token").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
     let at = obj.remove("access_token").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
     let now = unix_now();
-    cookies.extend(s.set_session(&at, &RefreshCookie { rt, login: now }, now, &jar));
+    cookies.extend(s.cookies.set_session(&at, &RefreshCookie { rt, login: now }, now, &jar));
     Ok(json_response(status, &serde_json::Value::Object(obj)))
 }
 
@@ -251,8 +229,8 @@ fn login_redirect(
         return Err(EndpointError::BadRequest("code login is not configured"));
     };
     let fail = || EndpointError::Auth(AuthError::AuthServerDown);
-    let state = s.sealer.random_token().ok_or_else(fail)?;
-    let verifier = s.sealer.random_token().ok_or_else(fail)?;
+    let state = s.cookies.sealer.random_token().ok_or_else(fail)?;
+    let verifier = s.cookies.sealer.random_token().ok_or_else(fail)?;
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()));
     let redirect_uri = redirect_uri(target, conn, s);
@@ -276,7 +254,7 @@ fn login_redirect(
     let base = authz.to_string();
     let sep = if base.contains('?') { '&' } else { '?' };
     let location = format!("{base}{sep}{}", q.finish());
-    let jar = s.cookies(req.headers());
+    let jar = s.cookies.read(req.headers());
     let login = LoginState {
         state,
         verifier,
@@ -284,7 +262,7 @@ fn login_redirect(
         exp: unix_now() + LOGIN_STATE_TTL.as_secs() as i64,
         redirect_uri,
     };
-    cookies.extend(s.set_login_state(&login, LOGIN_STATE_TTL, &jar));
+    cookies.extend(s.cookies.set_login_state(&login, LOGIN_STATE_TTL, &jar));
     redirect(&location)
 }
 
@@ -293,8 +271,9 @@ async fn callback(
     s: &Arc<Sessions>,
     cookies: &mut Vec<HeaderValue>,
 ) -> Result<Response<Body>, EndpointError> {
-    let jar = s.cookies(req.headers());
+    let jar = s.cookies.read(req.headers());
     let login = s
+        .cookies
         .open_login_state(&jar)
         .ok_or(EndpointError::BadRequest("no login in progress (state cookie missing)"))?;
     let state = query_param(&req, "state");
@@ -308,7 +287,7 @@ async fn callback(
         }
     }
     if query_param(&req, "error").is_some() {
-        cookies.extend(s.clear(&s.login_cookie, &jar));
+        cookies.extend(s.cookies.clear(&s.cookies.login, &jar));
         return Err(EndpointError::BadRequest("the authorization server refused the login"));
     }
     let code = query_param(&req, "code").ok_or(EndpointError::BadRequest("code missing"))?;
@@ -318,7 +297,8 @@ async fn callback(
             return Err(EndpointError::BadRequest("the authorization code was refused"))
         }
         Err(e) => {
-            tracing::warn!(error = %e, "code exchange failed");
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            tracing::warn!(error = %e, cause, "code exchange failed");
             return Err(AuthError::AuthServerDown.into());
         }
     };
@@ -328,8 +308,8 @@ async fn callback(
         ));
     };
     let now = unix_now();
-    cookies.extend(s.clear(&s.login_cookie, &jar));
-    cookies.extend(s.set_session(&tokens.access_token, &RefreshCookie { rt, login: now }, now, &jar));
+    cookies.extend(s.cookies.clear(&s.cookies.login, &jar));
+    cookies.extend(s.cookies.set_session(&tokens.access_token, &RefreshCookie { rt, login: now }, now, &jar));
     redirect(&login.return_to)
 }
 

@@ -1,13 +1,20 @@
-//! Refresh brokering: one call to `token_url` per refresh token.
+//! The refresh decision and its machine, used by the cookie path and by
+//! `POST refresh_path` alike: one call to `token_url` per refresh token.
 //!
 //! ```text
+//! renew(refresh cookie)
+//!   past absolute_timeout? ── yes ─► cookies cleared, 401 session_expired
+//!   └ no ─► broker.refresh
 //!            ┌──────────── grace hit (old token seen within refresh_grace) ──► new pair
 //! request ───┤
-//!            └─ in flight? ── yes ─► wait on the leader's cell ─────────────► its outcome
+//!            └─ in flight? ── yes ─► wait on the leader's call ─────────────► its outcome
 //!                           └ no ──► become leader: spawn the call ──► outcome
+//!                                     (with a fleet: the call runs under a Redis lock,
+//!                                      or another instance's sealed outcome is used)
 //!                                     ├ tokens        → grace[old] = pair   (rotated | ok)
 //!                                     ├ invalid_grant → grace[old] = over   (session ends)
 //!                                     └ unavailable   → not remembered      (503, cookies kept)
+//!   outcome ─► tokens: Set-Cookie for the new pair │ over: cookies cleared, 401 │ unavailable: 503
 //! ```
 //!
 //! The call runs in its own task, so a client that disconnects cannot cancel a
@@ -23,14 +30,25 @@ use std::time::{Duration, Instant};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+use http::header::HeaderValue;
+use serde::{Deserialize, Serialize};
 
-use super::{RefreshCookie, Sessions};
+use super::cookies::{RefreshCookie, RequestCookies};
+use super::seal::Sealer;
+use super::Sessions;
 use crate::auth::cache::{hash, TokenHash};
+use crate::auth::AuthError;
+use crate::clock::unix_now;
+use crate::fleet::{Coordinated, Fleet, Publish};
 use crate::metrics::Metrics;
 use crate::oauth::GrantError;
-use crate::store::Store;
 
-#[derive(Clone)]
+/// How long an auth-server error outcome is shared across the fleet: long
+/// enough for the waiters, short enough that the next attempt calls again.
+const ERROR_TTL: Duration = Duration::from_secs(2);
+const OUTCOME_CONTEXT: &str = "portcullis-refresh-outcome";
+
+/// A new pair from the authorization server.
 pub struct Fresh {
     pub access_token: String,
     pub refresh: RefreshCookie,
@@ -38,20 +56,53 @@ pub struct Fresh {
 }
 
 #[derive(Clone)]
-pub enum Outcome {
+pub enum RefreshOutcome {
     Tokens(Arc<Fresh>),
     SessionOver,
     Unavailable,
 }
 
-#[derive(Default)]
+/// Refreshes the session of `rc`, writing the cookies the answer must carry:
+/// the new pair, or their deletion when the session is over.
+pub async fn renew(
+    rc: &RefreshCookie,
+    jar: &RequestCookies,
+    sessions: &Arc<Sessions>,
+    broker: &Arc<RefreshBroker>,
+    set_cookies: &mut Vec<HeaderValue>,
+) -> Result<Arc<Fresh>, AuthError> {
+    let cookies = &sessions.cookies;
+    let now = unix_now();
+    if now > rc.login.saturating_add(sessions.settings.absolute_timeout.as_secs() as i64) {
+        set_cookies.extend(cookies.clear_session(jar));
+        return Err(AuthError::SessionOver);
+    }
+    match broker.refresh(rc, sessions).await {
+        RefreshOutcome::Tokens(fresh) => {
+            set_cookies.extend(cookies.set_session(&fresh.access_token, &fresh.refresh, now, jar));
+            Ok(fresh)
+        }
+        RefreshOutcome::SessionOver => {
+            set_cookies.extend(cookies.clear_session(jar));
+            Err(AuthError::SessionOver)
+        }
+        RefreshOutcome::Unavailable => Err(AuthError::AuthServerDown),
+    }
+}
+
 pub struct RefreshBroker {
-    inflight: DashMap<TokenHash, Shared<BoxFuture<'static, Outcome>>>,
-    grace: DashMap<TokenHash, (Outcome, Instant)>,
+    inflight: DashMap<TokenHash, Shared<BoxFuture<'static, RefreshOutcome>>>,
+    grace: DashMap<TokenHash, (RefreshOutcome, Instant)>,
+    fleet: Arc<Fleet>,
+    metrics: Arc<Metrics>,
 }
 
 impl RefreshBroker {
-    fn grace_get(&self, key: &TokenHash) -> Option<Outcome> {
+    pub fn new(fleet: Arc<Fleet>, metrics: Arc<Metrics>) -> Self {
+        Self { inflight: DashMap::new(), grace: DashMap::new(), fleet, metrics }
+    }
+
+    fn grace_get(&self, key: &TokenHash) -> Option<RefreshOutcome> {
         let e = self.grace.get(key)?;
         if e.1 > Instant::now() {
             return Some(e.0.clone());
@@ -61,7 +112,7 @@ impl RefreshBroker {
         None
     }
 
-    fn remember(&self, key: TokenHash, outcome: Outcome, grace: Duration) {
+    fn remember(&self, key: TokenHash, outcome: RefreshOutcome, grace: Duration) {
         if self.grace.len() > 10_000 {
             let now = Instant::now();
             self.grace.retain(|_, (_, until)| *until > now);
@@ -74,28 +125,21 @@ impl RefreshBroker {
     pub fn end(&self, rt: &str) {
         let until = Instant::now() + Duration::from_secs(3600);
         for mut e in self.grace.iter_mut() {
-            if let Outcome::Tokens(f) = &e.value().0 {
+            if let RefreshOutcome::Tokens(f) = &e.value().0 {
                 if f.refresh.rt == rt {
-                    *e.value_mut() = (Outcome::SessionOver, until);
+                    *e.value_mut() = (RefreshOutcome::SessionOver, until);
                 }
             }
         }
-        self.grace.insert(hash(rt), (Outcome::SessionOver, until));
+        self.grace.insert(hash(rt), (RefreshOutcome::SessionOver, until));
     }
 
     /// Refreshes `rc`, sharing the call with every concurrent holder of the same
-    /// token in this process and, through `store`, across the fleet. A caller waits
-    /// at most the authorization server's timeout plus one second.
-    pub async fn refresh(
-        self: &Arc<Self>,
-        rc: &RefreshCookie,
-        sessions: &Arc<Sessions>,
-        metrics: &Arc<Metrics>,
-        store: &Arc<Store>,
-    ) -> Outcome {
+    /// token in this process and, through the fleet, across instances.
+    pub async fn refresh(self: &Arc<Self>, rc: &RefreshCookie, sessions: &Arc<Sessions>) -> RefreshOutcome {
         let key = hash(&rc.rt);
         if let Some(o) = self.grace_get(&key) {
-            metrics.refresh("grace");
+            self.metrics.refresh("grace");
             return o;
         }
         let (call, led) = match self.inflight.entry(key) {
@@ -105,50 +149,67 @@ impl RefreshBroker {
                 // map, so a vacant entry after a grace miss may still have one.
                 if let Some(o) = self.grace_get(&key) {
                     drop(v);
-                    metrics.refresh("grace");
+                    self.metrics.refresh("grace");
                     return o;
                 }
                 // The call is spawned once, here, and shared: no waiter's
                 // cancellation can stop it or start a second one.
                 let broker = self.clone();
                 let sessions = sessions.clone();
-                let metrics = metrics.clone();
-                let store = store.clone();
                 let rc = rc.clone();
                 let task = tokio::spawn(async move {
-                    let s = &sessions.settings;
-                    let bound = sessions.oauth.timeout();
-                    let grant = || grant(&sessions, &metrics, rc);
-                    let o = store.coordinate(&key, &sessions.sealer, bound, s.refresh_grace, grant).await;
-                    if !matches!(o, Outcome::Unavailable) {
-                        broker.remember(key, o.clone(), s.refresh_grace);
+                    let o = broker.call_once(key, rc, &sessions).await;
+                    if !matches!(o, RefreshOutcome::Unavailable) {
+                        broker.remember(key, o.clone(), sessions.settings.refresh_grace);
                     }
                     // Grace first, then forget the flight: late arrivals find one or the other.
                     broker.inflight.remove(&key);
                     o
                 });
-                let shared = async move { task.await.unwrap_or(Outcome::Unavailable) }.boxed().shared();
+                let shared =
+                    async move { task.await.unwrap_or(RefreshOutcome::Unavailable) }.boxed().shared();
                 v.insert(shared.clone());
                 (shared, true)
             }
         };
         let bound = sessions.oauth.timeout() + Duration::from_secs(1);
-        let outcome = tokio::time::timeout(bound, call).await.unwrap_or(Outcome::Unavailable);
-        if !led && !matches!(outcome, Outcome::Unavailable) {
-            metrics.refresh("grace");
+        let outcome = tokio::time::timeout(bound, call).await.unwrap_or(RefreshOutcome::Unavailable);
+        if !led && !matches!(outcome, RefreshOutcome::Unavailable) {
+            self.metrics.refresh("grace");
         }
         outcome
+    }
+
+    /// The one call for this token across the fleet, or the outcome another
+    /// instance published for it.
+    async fn call_once(&self, key: TokenHash, rc: RefreshCookie, sessions: &Sessions) -> RefreshOutcome {
+        let sealer = &sessions.cookies.sealer;
+        let grace = sessions.settings.refresh_grace;
+        let metrics = &self.metrics;
+        let call = || async move {
+            let outcome = grant(sessions, metrics, rc).await;
+            let publish = seal_outcome(sealer, &outcome, grace);
+            (outcome, publish)
+        };
+        match self.fleet.coordinate(&key, sessions.oauth.timeout(), call).await {
+            Coordinated::Called(o) => o,
+            Coordinated::Shared(sealed) => {
+                self.metrics.refresh("grace");
+                open_outcome(sealer, &sealed).unwrap_or(RefreshOutcome::Unavailable)
+            }
+            Coordinated::TimedOut => RefreshOutcome::Unavailable,
+        }
     }
 }
 
 /// The call to `token_url` itself.
-async fn grant(sessions: &Sessions, metrics: &Metrics, rc: RefreshCookie) -> Outcome {
+async fn grant(sessions: &Sessions, metrics: &Metrics, rc: RefreshCookie) -> RefreshOutcome {
     match sessions.oauth.refresh(&rc.rt).await {
         Ok(t) => {
             let rotated = t.refresh_token.is_some();
             metrics.refresh(if rotated { "rotated" } else { "ok" });
             let refresh = RefreshCookie { rt: t.refresh_token.unwrap_or(rc.rt), login: rc.login };
-            Outcome::Tokens(Arc::new(Fresh {
+            RefreshOutcome::Tokens(Arc::new(Fresh {
                 access_token: t.access_token,
                 refresh,
                 expires_in: t.expires_in,
@@ -157,12 +218,53 @@ async fn grant(sessions: &Sessions, metrics: &Metrics, rc: RefreshCookie) -> Out
         Err(GrantError::InvalidGrant) => {
             metrics.refresh("invalid_grant");
             tracing::info!("refresh refused with invalid_grant; session ended");
-            Outcome::SessionOver
+            RefreshOutcome::SessionOver
         }
-        Err(GrantError::Unavailable(why)) => {
+        Err(e) => {
             metrics.refresh("auth_server_error");
-            tracing::warn!(reason = %why, "refresh failed; authorization server unavailable, session kept");
-            Outcome::Unavailable
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            tracing::warn!(error = %e, cause, "refresh failed; authorization server unavailable, session kept");
+            RefreshOutcome::Unavailable
         }
     }
+}
+
+/// A refresh outcome as another instance reads it, sealed with the cookie key.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "k")]
+enum Stored {
+    Tokens { at: String, rt: String, login: i64, exp: Option<u64> },
+    Over,
+    Error,
+}
+
+fn seal_outcome(sealer: &Sealer, outcome: &RefreshOutcome, grace: Duration) -> Option<Publish> {
+    let (stored, ttl) = match outcome {
+        RefreshOutcome::Tokens(f) => (
+            Stored::Tokens {
+                at: f.access_token.clone(),
+                rt: f.refresh.rt.clone(),
+                login: f.refresh.login,
+                exp: f.expires_in,
+            },
+            grace,
+        ),
+        RefreshOutcome::SessionOver => (Stored::Over, grace),
+        RefreshOutcome::Unavailable => (Stored::Error, ERROR_TTL),
+    };
+    let sealed = sealer.seal(OUTCOME_CONTEXT, &serde_json::to_vec(&stored).ok()?)?;
+    Some(Publish { value: sealed.into_bytes(), ttl })
+}
+
+fn open_outcome(sealer: &Sealer, sealed: &[u8]) -> Option<RefreshOutcome> {
+    let plain = sealer.open(OUTCOME_CONTEXT, std::str::from_utf8(sealed).ok()?)?;
+    Some(match serde_json::from_slice(&plain).ok()? {
+        Stored::Tokens { at, rt, login, exp } => RefreshOutcome::Tokens(Arc::new(Fresh {
+            access_token: at,
+            refresh: RefreshCookie { rt, login },
+            expires_in: exp,
+        })),
+        Stored::Over => RefreshOutcome::SessionOver,
+        Stored::Error => RefreshOutcome::Unavailable,
+    })
 }

@@ -39,7 +39,7 @@ async fn a_certificate_swapped_by_reload_is_served_to_new_connections() {
 
     let second = ca.issue(&["api.test"]);
     second.write_to(&dir, "server");
-    portcullis::reload::reload(proxy.shared(), &path).expect("the new certificate is valid");
+    portcullis::reload::reload(proxy.runtime(), &path).expect("the new certificate is valid");
     let s2 = tls_connect(proxy.https_addr(), "api.test", client.clone()).await.unwrap();
     assert_eq!(presented_leaf(&s2), second.der, "new connections get the new certificate");
     let reply = send_over(s2, get("https://api.test/x").into_request()).await;
@@ -47,7 +47,7 @@ async fn a_certificate_swapped_by_reload_is_served_to_new_connections() {
 
     // A broken key file on reload is refused and the running certificate stays.
     dir.write("server.key", "not a key");
-    assert!(portcullis::reload::reload(proxy.shared(), &path).is_err());
+    assert!(portcullis::reload::reload(proxy.runtime(), &path).is_err());
     let s3 = tls_connect(proxy.https_addr(), "api.test", client).await.unwrap();
     assert_eq!(presented_leaf(&s3), second.der);
 }

@@ -69,7 +69,11 @@ async fn drain_is_bounded_by_drain_timeout() {
     assert!(took >= Duration::from_millis(900), "exited after {took:?}, before drain_timeout");
     assert!(took < Duration::from_secs(6), "exited after {took:?}, long after drain_timeout");
     let outcome = stuck.await.expect("task");
-    assert!(outcome.is_err(), "the request cut off by the drain cannot have succeeded: {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "the request cut off by the drain cannot have succeeded: {outcome:?}\nlog:\n{}",
+        proxy.log()
+    );
 }
 
 #[tokio::test]

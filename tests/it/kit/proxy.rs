@@ -79,7 +79,7 @@ pub async fn revocations(p: &impl Instance) -> Vec<Value> {
 /// config gets `http` and `admin` listeners on port 0. Dropping it stops the server.
 pub struct Proxy {
     addrs: portcullis::Addrs,
-    shared: Arc<portcullis::state::Shared>,
+    runtime: Arc<portcullis::Runtime>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<JoinHandle<()>>,
 }
@@ -96,17 +96,17 @@ impl Proxy {
             .unwrap_or_else(|e| panic!("the test configuration is invalid:\n{e}\n--- config ---\n{text}"));
         let server = portcullis::Server::bind(config).await.expect("proxy binds its listeners");
         let addrs = server.addrs();
-        let shared = server.shared();
+        let runtime = server.runtime();
         let (tx, rx) = oneshot::channel::<()>();
         let done = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
-        Self { addrs, shared, stop: Some(tx), done: Some(done) }
+        Self { addrs, runtime, stop: Some(tx), done: Some(done) }
     }
 
-    /// The server's shared state, e.g. for `portcullis::reload::reload(proxy.shared(), path)`.
-    pub fn shared(&self) -> &portcullis::state::Shared {
-        &self.shared
+    /// The server's runtime, e.g. for `portcullis::reload::reload(proxy.runtime(), path)`.
+    pub fn runtime(&self) -> &portcullis::Runtime {
+        &self.runtime
     }
 
     pub fn http_addr(&self) -> SocketAddr {

@@ -1,8 +1,10 @@
-//! TLS for the listeners: a default certificate plus extra ones chosen by SNI,
-//! ALPN `h2` and `http/1.1`, TLS 1.2 and 1.3, all on the ring provider.
+//! TLS, a leaf every stage may use: certificates and keys from PEM files, the
+//! listeners' config (a default certificate plus extra ones chosen by SNI, ALPN
+//! `h2` and `http/1.1`, TLS 1.2 and 1.3) and the client config for outbound
+//! calls, all on one crypto provider.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -14,26 +16,61 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: cannot read it", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{}: holds no PEM certificate", .path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: no PEM private key could be read", .path.display())]
+    NoKey {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{}: unsupported private key", .path.display())]
+    UnsupportedKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{} and {} do not belong together", .cert.display(), .key.display())]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
 /// Loads a PEM chain and its private key and checks that they belong together.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = load_certs(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("{}: no PEM private key could be read ({e})", key.display()))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key_der)
-        .map_err(|e| format!("{}: unsupported private key ({e})", key.display()))?;
+        .map_err(|source| TlsError::NoKey { path: key.to_owned(), source })?;
+    let signer = provider()
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|source| TlsError::UnsupportedKey { path: key.to_owned(), source })?;
     let ck = CertifiedKey::new(chain, signer);
-    ck.keys_match()
-        .map_err(|e| format!("{} and {} do not belong together ({e})", cert.display(), key.display()))?;
+    ck.keys_match().map_err(|source| TlsError::Mismatch {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        source,
+    })?;
     Ok(Arc::new(ck))
 }
 
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: cannot read ({e})", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate file ({e})", path.display()))?;
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read = |source| TlsError::Read { path: path.to_owned(), source };
+    let certs: Vec<_> =
+        CertificateDer::pem_file_iter(path).map_err(read)?.collect::<Result<_, _>>().map_err(read)?;
     if certs.is_empty() {
-        return Err(format!("{}: holds no PEM certificate", path.display()));
+        return Err(TlsError::NoCertificate { path: path.to_owned() });
     }
     Ok(certs)
 }
