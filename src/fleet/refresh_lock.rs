@@ -3,7 +3,7 @@
 //! refresh token, never the token); the outcome is stored as the caller sealed it.
 //!
 //! ```text
-//! outcome stored? ── yes ─► Shared(bytes)
+//! outcome stored? ── yes ─► Published(bytes)
 //!   └ no ─► SET lock NX PX(bound+1s) ── won ─► re-read the outcome (the last holder may have
 //!                                               just finished), else call, SET outcome PX ttl, DEL lock
 //!                                    └ lost ─► poll the outcome every 20 ms until it appears,
@@ -32,7 +32,7 @@ pub enum Coordinated<T> {
     /// This instance made the call.
     Called(T),
     /// Another instance made it: its published value.
-    Shared(Vec<u8>),
+    Published(Vec<u8>),
     /// Another instance holds the lock and published nothing in time.
     TimedOut,
 }
@@ -77,7 +77,7 @@ impl RedisFleet {
         let deadline = Instant::now() + bound + Duration::from_secs(1);
         loop {
             match self.load_outcome(&outcome_key).await {
-                Ok(Some(v)) => return Coordinated::Shared(v),
+                Ok(Some(v)) => return Coordinated::Published(v),
                 Ok(None) => {}
                 Err(_) => break,
             }
@@ -94,7 +94,7 @@ impl RedisFleet {
                     // rotated token.
                     if let Ok(Some(v)) = self.load_outcome(&outcome_key).await {
                         self.release(&lock_key).await;
-                        return Coordinated::Shared(v);
+                        return Coordinated::Published(v);
                     }
                     let (outcome, publish) = call().await;
                     if let Some(p) = publish {

@@ -193,7 +193,7 @@ impl RefreshBroker {
         };
         match self.fleet.coordinate(&key, sessions.oauth.timeout(), call).await {
             Coordinated::Called(o) => o,
-            Coordinated::Shared(sealed) => {
+            Coordinated::Published(sealed) => {
                 self.metrics.refresh("grace");
                 open_outcome(sealer, &sealed).unwrap_or(RefreshOutcome::Unavailable)
             }
