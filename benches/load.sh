@@ -1,55 +1,87 @@
 #!/usr/bin/env bash
-# Whole-proxy load comparison on loopback: portcullis (RS256 verified per request,
-# cached and uncached) vs nginx as a plain reverse proxy vs HAProxy `jwt_verify`,
-# all in front of the same nginx upstream, driven by wrk, interleaved and repeated.
-# Also: latency added vs a direct call, and portcullis RSS idle and with 10,000
-# open keep-alive connections. Traffic goes to 127.0.0.1 only; every run is bounded.
+# Whole-proxy cost on loopback, side by side in one run: portcullis against
+# nginx as a plain reverse proxy and HAProxy 2.6 `jwt_verify`, all in front of
+# the same nginx upstream answering `ok`.
+#
+# Placement: the load generator (wrk, h2load) on core 0; the upstream and the
+# proxy under test on core 1, one worker each. The figure to trust is CPU per
+# request: the proxy's own user+system time (/proc/PID/stat, whole process
+# tree) over the requests it answered. Throughput swings with neighbours.
+#
+# Also: added latency with one connection, TLS with HTTP/1.1 and HTTP/2 (h2load
+# against nginx `ssl http2`), the access log at info vs warn, 1 vs 2 workers
+# unpinned, and portcullis' RSS idle and with 10,000 keep-alive connections.
+# Traffic goes to 127.0.0.1 only; every run is bounded in time.
 #
 #   benches/load.sh [DURATION_SECS] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
-ROUNDS=${2:-3}
-CONNS=${CONNS:-64}
+ROUNDS=${2:-2}
 WORK=$(mktemp -d /tmp/portcullis-load.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; nginx -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; kill "$(cat "$WORK/haproxy.pid" 2>/dev/null)" "$(cat "$WORK/redis.pid" 2>/dev/null)" 2>/dev/null || true; sleep 0.5' EXIT
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  for c in "$WORK"/nginx-*.conf; do nginx -c "$c" -s stop 2>/dev/null || true; done
+  [ -f "$WORK/haproxy.pid" ] && kill "$(cat "$WORK/haproxy.pid")" 2>/dev/null || true
+  sleep 0.5
+}
+trap cleanup EXIT
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need haproxy || ! need redis-server; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy redis-server >/dev/null
+if ! need wrk || ! need nginx || ! need haproxy || ! need h2load || ! need openssl || ! need taskset; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy nghttp2-client openssl util-linux >/dev/null
 fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 cores (load generator on one, upstream + proxy on the other)" >&2; exit 1; }
+GEN="taskset -c 0"
+SUT="taskset -c 1"
+TICK=$(getconf CLK_TCK)
 
-UP=18081; NGX=18082; HAP=18083; PC=18084; PCN=18085; ADM=18086; ADMN=18087; PCR=18088; ADMR=18089; REDIS=18090
+UP=18081; NGX=18082; NGXS=18083; HAP=18084; PC=18085; PCN=18086; PCL=18087; PCS=18088
+ADM=18091; ADMN=18092; ADML=18093; ADMS=18094
 FIX=$PWD/tests/fixtures
 cargo build --release --quiet --bin portcullis --example mint
-BIN=target/release/portcullis
+BIN=$PWD/target/release/portcullis
 ISS=https://id.example.com
 target/release/examples/mint 1 $ISS 86400 > "$WORK/token"
 target/release/examples/mint 1000 $ISS 86400 > "$WORK/tokens"
 TOKEN=$(cat "$WORK/token")
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
 
-cat > "$WORK/nginx.conf" <<NGINX
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log;
-events { worker_connections 8000; }
+# The upstream: nginx, one worker on core 1.
+cat > "$WORK/nginx-up.conf" <<NGINX
+worker_processes 1; worker_cpu_affinity 10;
+pid $WORK/nginx-up.pid; error_log $WORK/nginx-up.log;
+events { worker_connections 20000; }
+http { access_log off; server { listen 127.0.0.1:$UP backlog=4096; location / { return 200 "ok\n"; } } }
+NGINX
+# nginx as the plain reverse proxy (HTTP and TLS with HTTP/2), one worker on core 1.
+cat > "$WORK/nginx-proxy.conf" <<NGINX
+worker_processes 1; worker_cpu_affinity 10;
+pid $WORK/nginx-proxy.pid; error_log $WORK/nginx-proxy.log;
+events { worker_connections 20000; }
 http {
   access_log off;
   upstream up { server 127.0.0.1:$UP; keepalive 128; }
-  server { listen 127.0.0.1:$UP; location / { return 200 "ok\n"; } }
   server {
-    listen 127.0.0.1:$NGX;
+    listen 127.0.0.1:$NGX backlog=4096;
+    listen 127.0.0.1:$NGXS ssl http2 backlog=4096;
+    ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem;
+    keepalive_requests 1000000;
+    http2_max_requests 1000000;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
 NGINX
-nginx -c "$WORK/nginx.conf"
+nginx -c "$WORK/nginx-up.conf"
+nginx -c "$WORK/nginx-proxy.conf"
 
 cat > "$WORK/haproxy.cfg" <<HAPROXY
 global
-  nbthread 2
-  maxconn 8000
+  nbthread 1
+  cpu-map 1/1 1
+  maxconn 20000
 defaults
   mode http
   timeout connect 5s
@@ -68,11 +100,10 @@ backend be
 HAPROXY
 haproxy -f "$WORK/haproxy.cfg" -D -p "$WORK/haproxy.pid"
 
-pc_config() { # $1 port, $2 admin port, $3 token_cache_entries
-cat <<TOML
-[listen]
-http = "127.0.0.1:$1"
-admin = "127.0.0.1:$2"
+pc_config() { # $1 http port, $2 admin port, $3 token_cache_entries, $4 https port (optional)
+  printf '[listen]\nhttp = "127.0.0.1:%s"\nadmin = "127.0.0.1:%s"\n' "$1" "$2"
+  [ -n "${4:-}" ] && printf 'https = "127.0.0.1:%s"\n[tls]\ncert = "%s"\nkey = "%s"\n' "$4" "$WORK/cert.pem" "$WORK/key.pem"
+  cat <<TOML
 [limits]
 max_connections = 20000
 token_cache_entries = $3
@@ -89,20 +120,45 @@ audiences = ["orders-api"]
 scopes = ["orders:read"]
 TOML
 }
-pc_config $PC $ADM 100000 > "$WORK/pc.toml"
-pc_config $PCN $ADMN 0 > "$WORK/pc-nocache.toml"
-{ pc_config $PCR $ADMR 100000; printf '[state]\nredis_url = "redis://127.0.0.1:%s/0"\n' $REDIS; } > "$WORK/pc-redis.toml"
-redis-server --port $REDIS --bind 127.0.0.1 --save "" --appendonly no --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
-PORTCULLIS_LOG=warn $BIN run --config "$WORK/pc.toml" 2>"$WORK/pc.log" & PC_PID=$!
-PORTCULLIS_LOG=warn $BIN run --config "$WORK/pc-nocache.toml" 2>"$WORK/pcn.log" & PCN_PID=$!
-PORTCULLIS_LOG=warn $BIN run --config "$WORK/pc-redis.toml" 2>"$WORK/pcr.log" &
-for p in $ADM $ADMN $ADMR; do
-  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$p/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
-done
+pc_config $PC $ADM 100000 "" > "$WORK/pc.toml"
+pc_config $PCN $ADMN 0 "" > "$WORK/pc-nocache.toml"
+pc_config $PCL $ADML 100000 "" > "$WORK/pc-log.toml"
+pc_config $PCS $ADMS 100000 $((PCS + 100)) > "$WORK/pc-tls.toml"
+PCS_TLS=$((PCS + 100))
+start_pc() { # $1 config, $2 log level, $3 admin port; prints the pid
+  PORTCULLIS_LOG=$2 $SUT "$BIN" run --config "$1" 2>>"$WORK/pc-$3.log" >/dev/null &
+  local pid=$!
+  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  echo $pid
+}
+PC_PID=$(start_pc "$WORK/pc.toml" warn $ADM)
+PCN_PID=$(start_pc "$WORK/pc-nocache.toml" warn $ADMN)
+PCL_PID=$(start_pc "$WORK/pc-log.toml" info $ADML)
+PCS_PID=$(start_pc "$WORK/pc-tls.toml" warn $ADMS)
 sleep 1
-rss() { awk '/VmRSS/ {printf "%.1f MB", $2/1024}' "/proc/$1/status"; }
-IDLE_RSS=$(rss $PC_PID)
+rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+IDLE_RSS=$(rss "$PC_PID")
 
+tree() { # a pid and its descendants
+  local p=$1; echo "$p"
+  for c in $(pgrep -P "$p" 2>/dev/null); do tree "$c"; done
+}
+ticks() { # user+system clock ticks of a process tree
+  local sum=0
+  for p in $(tree "$1"); do
+    [ -r "/proc/$p/stat" ] || continue
+    sum=$((sum + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat")))
+  done
+  echo $sum
+}
+NGX_PID=$(cat "$WORK/nginx-proxy.pid"); HAP_PID=$(cat "$WORK/haproxy.pid"); UP_PID=$(cat "$WORK/nginx-up.pid")
+
+cat > "$WORK/report.lua" <<'LUA'
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %.0f %.0f %.0f %d\n", summary.requests, summary.requests / (summary.duration / 1e6),
+    latency:percentile(50), latency:percentile(99), summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+LUA
 cat > "$WORK/many.lua" <<LUA
 local tokens = {}
 for line in io.lines("$WORK/tokens") do tokens[#tokens + 1] = line end
@@ -112,46 +168,64 @@ request = function()
   return wrk.format("GET", "/", { ["Authorization"] = "Bearer " .. tokens[i] })
 end
 LUA
-cat > "$WORK/report.lua" <<'LUA'
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %.0f %.0f %.0f %d\n", summary.requests / (summary.duration / 1e6),
-    latency:percentile(50), latency:percentile(99), summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
-end
-LUA
 cat "$WORK/report.lua" >> "$WORK/many.lua"
 
-run() { # name, url, extra args...
-  local name=$1 url=$2; shift 2
-  local out
-  local threads=2; [ "$CONNS" -lt 2 ] && threads=1
-  out=$(wrk -t$threads -c"$CONNS" -d"${DUR}s" "$@" -s "$WORK/report.lua" "$url" 2>&1 | grep RESULT || true)
-  echo "$name $out" >> "$WORK/results"
-}
-runmany() {
-  local out
-  out=$(wrk -t2 -c"$CONNS" -d"${DUR}s" -s "$WORK/many.lua" "$1" 2>&1 | grep RESULT || true)
-  echo "$2 $out" >> "$WORK/results"
-}
 : > "$WORK/results"
+# name, pid whose CPU counts, connections, then wrk arguments
+wrk_run() {
+  local name=$1 pid=$2 conns=$3; shift 3
+  local before after out
+  before=$(ticks "$pid")
+  out=$($GEN wrk -t1 -c"$conns" -d"${DUR}s" "$@" 2>&1 | grep RESULT || echo "RESULT 0 0 0 0 1")
+  after=$(ticks "$pid")
+  echo "$name $((after - before)) $out" >> "$WORK/results"
+}
+# name, pid, then h2load arguments (h2load reports its own totals)
+h2_run() {
+  local name=$1 pid=$2; shift 2
+  local before after out n p50 rps errs
+  before=$(ticks "$pid")
+  out=$($GEN h2load -D "$DUR" "$@" 2>&1)
+  after=$(ticks "$pid")
+  n=$(awk '/^requests:/ {print $8}' <<<"$out"); errs=$(awk '/^requests:/ {print $10 + $12}' <<<"$out")
+  rps=$(awk '/^finished in/ {print $4}' <<<"$out"); p50=$(awk '/^time for request:/ {v=$5; if (v ~ /ms$/) {sub(/ms/,"",v); v*=1000} else if (v ~ /us$/) {sub(/us/,"",v)} else {sub(/s$/,"",v); v*=1e6}; print v}' <<<"$out")
+  echo "$name $((after - before)) RESULT ${n:-0} ${rps:-0} ${p50:-0} 0 ${errs:-1}" >> "$WORK/results"
+}
+AUTH=(-H "Authorization: Bearer $TOKEN")
 for r in $(seq "$ROUNDS"); do
-  run direct "http://127.0.0.1:$UP/"
-  run nginx "http://127.0.0.1:$NGX/"
-  run haproxy_jwt "http://127.0.0.1:$HAP/" -H "Authorization: Bearer $TOKEN"
-  run portcullis "http://127.0.0.1:$PC/" -H "Authorization: Bearer $TOKEN"
-  run portcullis_nocache "http://127.0.0.1:$PCN/" -H "Authorization: Bearer $TOKEN"
-  run portcullis_redis "http://127.0.0.1:$PCR/" -H "Authorization: Bearer $TOKEN"
-  runmany "http://127.0.0.1:$PC/" portcullis_1000_tokens
-  runmany "http://127.0.0.1:$PCN/" portcullis_nocache_1000_tokens
+  wrk_run direct "$UP_PID" 64 -s "$WORK/report.lua" "http://127.0.0.1:$UP/"
+  wrk_run nginx "$NGX_PID" 64 -s "$WORK/report.lua" "http://127.0.0.1:$NGX/"
+  wrk_run haproxy_jwt "$HAP_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$HAP/"
+  wrk_run portcullis "$PC_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PC/"
+  wrk_run portcullis_1000_tokens "$PC_PID" 64 -s "$WORK/many.lua" "http://127.0.0.1:$PC/"
+  wrk_run portcullis_nocache "$PCN_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCN/"
+  wrk_run portcullis_nocache_1000_tokens "$PCN_PID" 64 -s "$WORK/many.lua" "http://127.0.0.1:$PCN/"
+  wrk_run portcullis_access_log "$PCL_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCL/"
+  h2_run nginx_tls_h1 "$NGX_PID" --h1 -c64 "https://127.0.0.1:$NGXS/"
+  h2_run portcullis_tls_h1 "$PCS_PID" --h1 -c64 "${AUTH[@]}" "https://127.0.0.1:$PCS_TLS/"
+  h2_run nginx_tls_h2 "$NGX_PID" -c32 -m8 "https://127.0.0.1:$NGXS/"
+  h2_run portcullis_tls_h2 "$PCS_PID" -c32 -m8 "${AUTH[@]}" "https://127.0.0.1:$PCS_TLS/"
+  wrk_run lat_direct "$UP_PID" 1 -s "$WORK/report.lua" "http://127.0.0.1:$UP/"
+  wrk_run lat_nginx "$NGX_PID" 1 -s "$WORK/report.lua" "http://127.0.0.1:$NGX/"
+  wrk_run lat_portcullis "$PC_PID" 1 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PC/"
 done
-# Latency added at low load: one connection, direct vs through portcullis.
-CONNS=1; : > "$WORK/lat"
-for r in $(seq "$ROUNDS"); do
-  run lat_direct "http://127.0.0.1:$UP/"
-  run lat_portcullis "http://127.0.0.1:$PC/" -H "Authorization: Bearer $TOKEN"
+
+# 1 vs 2 workers, unpinned: portcullis free on both cores, wrk beside it.
+kill "$PC_PID" 2>/dev/null; wait "$PC_PID" 2>/dev/null || true
+for workers in 1 2; do
+  TOKIO_WORKER_THREADS=$workers PORTCULLIS_LOG=warn "$BIN" run --config "$WORK/pc.toml" 2>>"$WORK/pc-w$workers.log" >/dev/null &
+  PC_PID=$!
+  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  for r in $(seq "$ROUNDS"); do
+    before=$(ticks "$PC_PID")
+    out=$(wrk -t2 -c64 -d"${DUR}s" "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PC/" 2>&1 | grep RESULT || echo "RESULT 0 0 0 0 1")
+    echo "unpinned_${workers}_worker $(( $(ticks "$PC_PID") - before )) $out" >> "$WORK/results"
+  done
+  [ "$workers" = 2 ] || { kill "$PC_PID"; wait "$PC_PID" 2>/dev/null || true; }
 done
 
 # 10,000 open keep-alive connections, each having made one request.
-python3 - "$PC" "$TOKEN" <<'PY' &
+$GEN python3 - "$PC" "$TOKEN" <<'PY' &
 import asyncio, sys
 port, token = int(sys.argv[1]), sys.argv[2]
 async def one(held):
@@ -169,29 +243,51 @@ async def main():
 asyncio.run(main())
 PY
 HOLD=$!
-sleep 6
-CONN_RSS=$(rss $PC_PID)
-OPEN=$(curl -fsS "http://127.0.0.1:$ADM/metrics" | awk '/^portcullis_open_connections/ {print $2}')
+for _ in $(seq 100); do
+  OPEN=$(curl -fsS "http://127.0.0.1:$ADM/metrics" | awk '/^portcullis_open_connections/ {print $2}')
+  [ "${OPEN:-0}" -ge 10000 ] && break; sleep 0.2
+done
+sleep 1
+CONN_RSS=$(rss "$PC_PID")
 wait $HOLD || true
 
 echo
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); wrk -t2 -c64 ${DUR}s x ${ROUNDS} rounds, interleaved"
-python3 - "$WORK/results" <<'PY'
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+echo "placement: load generator on core 0; upstream + proxy on core 1, one worker each; ${DUR}s x ${ROUNDS} rounds, interleaved; medians"
+python3 - "$WORK/results" "$TICK" "$IDLE_RSS" "$CONN_RSS" "${OPEN:-0}" <<'PY'
 import sys, statistics as st
+path, tick, idle, conn, opened = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 rows = {}
-for line in open(sys.argv[1]):
-    parts = line.split()
-    if len(parts) < 6: continue
-    name, _, rps, p50, p99, errs = parts[:6]
-    rows.setdefault(name, []).append((float(rps), float(p50), float(p99), int(errs)))
-med = {k: (st.median(r[0] for r in v), st.median(r[1] for r in v), st.median(r[2] for r in v), sum(r[3] for r in v)) for k, v in rows.items()}
-print(f"{'target':32} {'req/s':>10} {'p50 µs':>9} {'p99 µs':>9} {'errors':>7}")
-for k, (rps, p50, p99, e) in med.items():
-    print(f"{k:32} {rps:10.0f} {p50:9.0f} {p99:9.0f} {e:7d}")
-def ratio(a, b):
-    if a in med and b in med and med[b][0] > 0: print(f"{a} / {b}: {med[a][0] / med[b][0]:.2f}x")
-ratio("portcullis", "nginx"); ratio("portcullis", "haproxy_jwt"); ratio("portcullis_nocache", "nginx"); ratio("portcullis_nocache", "haproxy_jwt"); ratio("portcullis_redis", "portcullis")
-if "lat_direct" in med and "lat_portcullis" in med:
-    print(f"added latency at p50 (1 connection): {med['lat_portcullis'][1] - med['lat_direct'][1]:.0f} µs")
+for line in open(path):
+    p = line.split()
+    if len(p) < 8: continue
+    name, cpu, _, n, rps, p50, p99, errs = p[:8]
+    n = int(n)
+    us = (int(cpu) / tick * 1e6 / n) if n else float("nan")
+    rows.setdefault(name, []).append((us, float(rps), float(p50), float(p99), int(errs)))
+med = {k: tuple(st.median(r[i] for r in v) for i in range(4)) + (sum(r[4] for r in v),) for k, v in rows.items()}
+print(f"{'target':40} {'CPU µs/req':>10} {'req/s':>9} {'p50 µs':>8} {'p99 µs':>8} {'errors':>7}")
+for k, (us, rps, p50, p99, e) in med.items():
+    print(f"{k:40} {us:10.1f} {rps:9.0f} {p50:8.0f} {p99:8.0f} {e:7d}")
+def ratio(label, a, b, target=None):
+    if a in med and b in med:
+        r = med[a][0] / med[b][0]
+        met = "" if target is None else ("  met" if r <= target else f"  MISSED (target <= {target}x)")
+        print(f"CPU/req {label}: {r:.2f}x{met}")
+ratio("portcullis / nginx", "portcullis", "nginx", 0.8)
+if "portcullis" in med and "nginx" in med:
+    t = med["portcullis"][1] / med["nginx"][1]
+    print(f"req/s portcullis / nginx: {t:.2f}x" + ("  met" if t >= 1 else "  MISSED (target >= 1x)"))
+ratio("portcullis 1000 tokens / nginx", "portcullis_1000_tokens", "nginx")
+ratio("portcullis cache off / haproxy jwt_verify", "portcullis_nocache", "haproxy_jwt", 0.67)
+if "portcullis_nocache" in med and "haproxy_jwt" in med:
+    print(f"req/s portcullis cache off / haproxy: {med['portcullis_nocache'][1] / med['haproxy_jwt'][1]:.2f}x")
+ratio("TLS HTTP/1.1 portcullis / nginx", "portcullis_tls_h1", "nginx_tls_h1", 1.0)
+ratio("TLS HTTP/2 portcullis / nginx", "portcullis_tls_h2", "nginx_tls_h2", 0.75)
+ratio("access log info / warn", "portcullis_access_log", "portcullis", 1.10)
+if all(k in med for k in ("lat_direct", "lat_nginx", "lat_portcullis")):
+    d = med["lat_direct"][2]
+    pn, pp = med["lat_nginx"][2] - d, med["lat_portcullis"][2] - d
+    print(f"added p50 latency, one connection: nginx {pn:.0f} µs, portcullis {pp:.0f} µs" + ("  met" if pp <= pn else "  MISSED"))
+print(f"portcullis RSS idle: {idle} MB; with {opened} open keep-alive connections: {conn} MB")
 PY
-echo "portcullis RSS idle: $IDLE_RSS; with $OPEN open connections: $CONN_RSS"
