@@ -69,7 +69,6 @@ http {
     listen 127.0.0.1:$NGXS ssl http2 backlog=4096;
     ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem;
     keepalive_requests 1000000;
-    http2_max_requests 1000000;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
@@ -81,7 +80,7 @@ cat > "$WORK/haproxy.cfg" <<HAPROXY
 global
   nbthread 1
   cpu-map 1/1 1
-  maxconn 20000
+  maxconn 9000
 defaults
   mode http
   timeout connect 5s

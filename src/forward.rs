@@ -23,7 +23,7 @@ use crate::conn::Conn;
 use crate::route::strip_path;
 use crate::target::Target;
 use identity::IdentityHeaders;
-use upstream::{Failure, Upstream};
+use upstream::{Upstream, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -93,8 +93,14 @@ impl Forwarder {
         admitted: &Admitted,
         own_cookies: &[String],
     ) -> Result<Sent, ForwardError> {
-        let backend = self.upstream.pick();
         let route = || self.name.clone();
+        let Some(backend) = self.upstream.pick() else {
+            return Err(ForwardError::Connect {
+                route: route(),
+                authority: String::new(),
+                source: "no upstream".into(),
+            });
+        };
         let authority = || backend.authority.to_string();
 
         if let Some(limit) = self.max_request_body {
@@ -112,13 +118,20 @@ impl Forwarder {
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
-        let path = target.path();
-        let path = if self.strip_prefix { strip_path(&self.path_prefix, path) } else { path };
-        parts.uri = backend.uri(path, target.query());
+        // The client's own origin-form target goes out unchanged when nothing
+        // rewrites it (no allocation); otherwise the normalised, rebased one.
+        parts.uri = match parts.uri.path_and_query() {
+            Some(pq) if target.is_normal() && !self.strip_prefix && !backend.has_base() => pq.clone().into(),
+            _ => {
+                let path = target.path();
+                let path = if self.strip_prefix { strip_path(&self.path_prefix, path) } else { path };
+                backend.path_and_query(path, target.query()).into()
+            }
+        };
         parts.version = Version::HTTP_11;
         let h = &mut parts.headers;
         headers::remove_hop_by_hop(h);
-        h.remove(header::HOST);
+        h.insert(header::HOST, backend.host().clone());
         if let Some(proto) = &upgrade {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(header::UPGRADE, proto.clone());
@@ -134,11 +147,7 @@ impl Forwarder {
             None => body.map_err(BoxError::from).boxed(),
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            self.timeout,
-            self.upstream.client.request(Request::from_parts(parts, body)),
-        )
-        .await;
+        let result = tokio::time::timeout(self.timeout, backend.send(Request::from_parts(parts, body))).await;
         let upstream_time = started.elapsed();
         let mut resp = match result {
             Err(_) => {
@@ -149,18 +158,23 @@ impl Forwarder {
                 })
             }
             Ok(Err(e)) => {
-                return Err(match upstream::classify(&e) {
-                    Failure::BodyTooLarge if self.max_request_body.is_some() => ForwardError::BodyTooLarge {
-                        route: route(),
-                        limit: self.max_request_body.unwrap_or(0),
-                    },
-                    Failure::ConnectTimeout => {
+                return Err(match (e, self.max_request_body) {
+                    (e, Some(limit)) if e.body_too_large() => {
+                        ForwardError::BodyTooLarge { route: route(), limit }
+                    }
+                    (UpstreamError::ConnectTimeout, _) => {
                         ForwardError::ConnectTimeout { route: route(), authority: authority() }
                     }
-                    Failure::Connect => {
+                    (UpstreamError::Connect(io), _) if io.kind() == std::io::ErrorKind::TimedOut => {
+                        ForwardError::ConnectTimeout { route: route(), authority: authority() }
+                    }
+                    (
+                        e @ (UpstreamError::Connect(_) | UpstreamError::Tls(_) | UpstreamError::Handshake(_)),
+                        _,
+                    ) => {
                         ForwardError::Connect { route: route(), authority: authority(), source: Box::new(e) }
                     }
-                    Failure::BodyTooLarge | Failure::Exchange => {
+                    (e @ UpstreamError::Exchange(_), _) => {
                         ForwardError::Upstream { route: route(), authority: authority(), source: Box::new(e) }
                     }
                 })

@@ -88,6 +88,11 @@ impl Target {
         self.normalised.as_deref().unwrap_or_else(|| self.uri.path())
     }
 
+    /// Whether the path needed no normalisation (the client's spelling is the normal one).
+    pub fn is_normal(&self) -> bool {
+        self.normalised.is_none()
+    }
+
     /// The query, exactly as the client sent it.
     pub fn query(&self) -> Option<&str> {
         self.uri.query()

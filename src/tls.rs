@@ -1,7 +1,7 @@
 //! TLS, a leaf every stage may use: certificates and keys from PEM files, the
 //! listeners' config (a default certificate plus extra ones chosen by SNI, ALPN
 //! `h2` and `http/1.1`, TLS 1.2 and 1.3) and the client config for outbound
-//! calls, all on one crypto provider.
+//! calls, all on one crypto provider (aws-lc-rs, as for token signatures).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,8 +12,10 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// The one crypto provider (aws-lc-rs) for every TLS config the proxy builds.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())).clone()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,7 @@ pub fn hash(token: &str) -> TokenHash {
 }
 
 pub fn hash_bytes(bytes: &[u8]) -> TokenHash {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out

@@ -302,7 +302,7 @@ fn max_age(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 fn fingerprint(bytes: &Bytes) -> u64 {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     let mut b = [0u8; 8];
     b.copy_from_slice(&d.as_ref()[..8]);
     u64::from_le_bytes(b)

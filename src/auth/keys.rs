@@ -1,12 +1,19 @@
-//! Verification keys: parsed from a JWKS document, PEM files or an HMAC secret.
-//! Each key knows its family, so a token's `alg` can be bound to the key type
+//! Verification keys: parsed from a JWKS document, PEM files or an HMAC secret,
+//! once, into aws-lc-rs key objects (the RSA modulus is never re-parsed per
+//! token). Each key knows its family, so a token's `alg` is bound to the key type
 //! (an HS256 token is never checked against an RSA public key used as a secret).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::hmac;
+use aws_lc_rs::signature::{self, ParsedPublicKey, RsaPublicKeyComponents, VerificationAlgorithm};
+use base64::Engine as _;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::Algorithm;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::SubjectPublicKeyInfoDer;
 
 /// The kind of key, which decides the algorithms it may verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,18 +26,53 @@ pub enum KeyFamily {
 }
 
 impl KeyFamily {
+    /// The algorithms a key of this family verifies.
+    pub fn algorithms(self) -> &'static [Algorithm] {
+        use Algorithm::*;
+        match self {
+            KeyFamily::Rsa => &[RS256, RS384, RS512, PS256, PS384, PS512],
+            KeyFamily::EcP256 => &[ES256],
+            KeyFamily::EcP384 => &[ES384],
+            KeyFamily::Ed25519 => &[EdDSA],
+            KeyFamily::Hmac => &[HS256, HS384, HS512],
+        }
+    }
+
     /// Whether a token signed with `alg` may be verified by a key of this family.
     pub fn accepts(self, alg: Algorithm) -> bool {
-        use Algorithm::*;
-        matches!(
-            (self, alg),
-            (KeyFamily::Rsa, RS256 | RS384 | RS512 | PS256 | PS384 | PS512)
-                | (KeyFamily::EcP256, ES256)
-                | (KeyFamily::EcP384, ES384)
-                | (KeyFamily::Ed25519, EdDSA)
-                | (KeyFamily::Hmac, HS256 | HS384 | HS512)
-        )
+        self.algorithms().contains(&alg)
     }
+}
+
+fn public_algorithm(alg: Algorithm) -> Option<&'static dyn VerificationAlgorithm> {
+    use Algorithm::*;
+    Some(match alg {
+        RS256 => &signature::RSA_PKCS1_2048_8192_SHA256,
+        RS384 => &signature::RSA_PKCS1_2048_8192_SHA384,
+        RS512 => &signature::RSA_PKCS1_2048_8192_SHA512,
+        PS256 => &signature::RSA_PSS_2048_8192_SHA256,
+        PS384 => &signature::RSA_PSS_2048_8192_SHA384,
+        PS512 => &signature::RSA_PSS_2048_8192_SHA512,
+        ES256 => &signature::ECDSA_P256_SHA256_FIXED,
+        ES384 => &signature::ECDSA_P384_SHA384_FIXED,
+        EdDSA => &signature::ED25519,
+        HS256 | HS384 | HS512 => return None,
+    })
+}
+
+fn hmac_algorithm(alg: Algorithm) -> Option<hmac::Algorithm> {
+    match alg {
+        Algorithm::HS256 => Some(hmac::HMAC_SHA256),
+        Algorithm::HS384 => Some(hmac::HMAC_SHA384),
+        Algorithm::HS512 => Some(hmac::HMAC_SHA512),
+        _ => None,
+    }
+}
+
+/// The parsed key material, one object per algorithm the key may verify.
+enum Material {
+    Public(Vec<(Algorithm, ParsedPublicKey)>),
+    Hmac(Vec<(Algorithm, hmac::Key)>),
 }
 
 pub struct VerifyKey {
@@ -38,7 +80,44 @@ pub struct VerifyKey {
     pub family: KeyFamily,
     /// The JWK's own `alg`, when it pins one.
     pub alg: Option<Algorithm>,
-    pub key: DecodingKey,
+    material: Material,
+}
+
+impl VerifyKey {
+    /// Parses public key bytes (SubjectPublicKeyInfo DER, or the raw form aws-lc-rs
+    /// reads for the family) for every algorithm of `family` (or just `pinned`).
+    fn public(
+        kid: Option<String>,
+        family: KeyFamily,
+        pinned: Option<Algorithm>,
+        bytes: &[u8],
+    ) -> Option<Self> {
+        let mut parsed = Vec::new();
+        for &alg in family.algorithms() {
+            if pinned.is_some_and(|p| p != alg) {
+                continue;
+            }
+            let key = ParsedPublicKey::new(public_algorithm(alg)?, bytes).ok()?;
+            parsed.push((alg, key));
+        }
+        if parsed.is_empty() {
+            return None;
+        }
+        Some(Self { kid, family, alg: pinned, material: Material::Public(parsed) })
+    }
+
+    /// Whether `signature` over `message` is valid for `alg` under this key.
+    pub fn verify(&self, alg: Algorithm, message: &[u8], sig: &[u8]) -> bool {
+        match &self.material {
+            Material::Public(keys) => {
+                keys.iter().find(|(a, _)| *a == alg).is_some_and(|(_, k)| k.verify_sig(message, sig).is_ok())
+            }
+            Material::Hmac(keys) => keys
+                .iter()
+                .find(|(a, _)| *a == alg)
+                .is_some_and(|(_, k)| hmac::verify(k, message, sig).is_ok()),
+        }
+    }
 }
 
 /// The keys of one issuer at one moment; replaced whole on rotation.
@@ -63,10 +142,6 @@ impl KeySet {
         self.keys.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
     /// Candidate keys for a token: the one with its `kid`; for a token without `kid`
     /// every key; for an unknown `kid`, the keys that have no `kid` of their own
     /// (PEM files, HMAC secrets). Only keys whose family accepts `alg` are returned.
@@ -82,10 +157,8 @@ impl KeySet {
         } else {
             None
         };
-        let by_kid = Some(named);
-        by_kid
+        named
             .into_iter()
-            .flatten()
             .chain(all.into_iter().flatten())
             .filter(move |k| k.family.accepts(alg) && k.alg.is_none_or(|a| a == alg))
     }
@@ -98,15 +171,19 @@ impl KeySet {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("not a JWKS document: {0}")]
+    #[error("not a JWKS document")]
     Json(#[from] serde_json::Error),
     #[error("the JWKS holds no usable signing key")]
     Empty,
-    #[error("not a PEM RSA, EC (P-256/P-384) or Ed25519 public key")]
+    #[error("not a PEM public key (RSA of 2048 bits or more, EC P-256/P-384 or Ed25519)")]
     Pem,
 }
 
-/// Parses a JWKS; keys marked `use: enc` and unsupported types are skipped.
+fn b64(v: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(v).ok()
+}
+
+/// Parses a JWKS; keys marked `use: enc`, symmetric keys and unsupported types are skipped.
 pub fn parse_jwks(bytes: &[u8]) -> Result<KeySet, KeyError> {
     let set: JwkSet = serde_json::from_slice(bytes)?;
     let mut keys = Vec::new();
@@ -114,23 +191,34 @@ pub fn parse_jwks(bytes: &[u8]) -> Result<KeySet, KeyError> {
         if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
             continue;
         }
-        let family = match &jwk.algorithm {
-            AlgorithmParameters::RSA(_) => KeyFamily::Rsa,
-            AlgorithmParameters::EllipticCurve(p) => match p.curve {
-                EllipticCurve::P256 => KeyFamily::EcP256,
-                EllipticCurve::P384 => KeyFamily::EcP384,
-                _ => continue,
-            },
-            AlgorithmParameters::OctetKeyPair(p) => match p.curve {
-                EllipticCurve::Ed25519 => KeyFamily::Ed25519,
-                _ => continue,
-            },
+        let pinned = jwk.common.key_algorithm.and_then(|a| a.to_string().parse::<Algorithm>().ok());
+        let kid = jwk.common.key_id.clone();
+        let key = match &jwk.algorithm {
+            AlgorithmParameters::RSA(p) => (|| {
+                let n = b64(&p.n)?;
+                let e = b64(&p.e)?;
+                let der = RsaPublicKeyComponents { n: n.as_slice(), e: e.as_slice() }.as_der().ok()?;
+                VerifyKey::public(kid, KeyFamily::Rsa, pinned, der.as_ref())
+            })(),
+            AlgorithmParameters::EllipticCurve(p) => (|| {
+                let family = match p.curve {
+                    EllipticCurve::P256 => KeyFamily::EcP256,
+                    EllipticCurve::P384 => KeyFamily::EcP384,
+                    _ => return None,
+                };
+                // The uncompressed point: 0x04 || x || y.
+                let mut point = vec![4u8];
+                point.extend(b64(&p.x)?);
+                point.extend(b64(&p.y)?);
+                VerifyKey::public(kid, family, pinned, &point)
+            })(),
+            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+                b64(&p.x).and_then(|x| VerifyKey::public(kid, KeyFamily::Ed25519, pinned, &x))
+            }
             // Symmetric keys are never taken from a JWKS: a published secret is no secret.
-            AlgorithmParameters::OctetKey(_) => continue,
+            AlgorithmParameters::OctetKeyPair(_) | AlgorithmParameters::OctetKey(_) => None,
         };
-        let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
-        let alg = jwk.common.key_algorithm.and_then(|a| a.to_string().parse::<Algorithm>().ok());
-        keys.push(VerifyKey { kid: jwk.common.key_id.clone(), family, alg, key });
+        keys.extend(key);
     }
     if keys.is_empty() {
         return Err(KeyError::Empty);
@@ -138,41 +226,26 @@ pub fn parse_jwks(bytes: &[u8]) -> Result<KeySet, KeyError> {
     Ok(KeySet::new(keys))
 }
 
-/// Parses one PEM public key, whatever its type.
+/// Parses one PEM `PUBLIC KEY` (SubjectPublicKeyInfo), whatever its type.
 pub fn parse_pem(bytes: &[u8]) -> Result<VerifyKey, KeyError> {
-    let make = |family, key| VerifyKey { kid: None, family, alg: None, key };
-    if let Ok(k) = DecodingKey::from_rsa_pem(bytes) {
-        return Ok(make(KeyFamily::Rsa, k));
-    }
-    if let Ok(k) = DecodingKey::from_ed_pem(bytes) {
-        return Ok(make(KeyFamily::Ed25519, k));
-    }
-    if let Ok(k) = DecodingKey::from_ec_pem(bytes) {
-        let family = ec_curve_of_pem(bytes).ok_or(KeyError::Pem)?;
-        return Ok(make(family, k));
-    }
-    Err(KeyError::Pem)
-}
-
-/// P-256 vs P-384 from the SubjectPublicKeyInfo length (uncompressed points: 65 or 97 bytes).
-fn ec_curve_of_pem(bytes: &[u8]) -> Option<KeyFamily> {
-    use base64::Engine as _;
-    let text = std::str::from_utf8(bytes).ok()?;
-    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
-    match der.len() {
-        91 => Some(KeyFamily::EcP256),
-        120 => Some(KeyFamily::EcP384),
-        _ => None,
-    }
+    let spki = SubjectPublicKeyInfoDer::from_pem_slice(bytes).map_err(|_| KeyError::Pem)?;
+    [KeyFamily::Rsa, KeyFamily::EcP256, KeyFamily::EcP384, KeyFamily::Ed25519]
+        .into_iter()
+        .find_map(|family| VerifyKey::public(None, family, None, spki.as_ref()))
+        .ok_or(KeyError::Pem)
 }
 
 pub fn hmac(secret: &[u8]) -> KeySet {
+    let material = KeyFamily::Hmac
+        .algorithms()
+        .iter()
+        .filter_map(|&alg| Some((alg, hmac::Key::new(hmac_algorithm(alg)?, secret))))
+        .collect();
     KeySet::new(vec![VerifyKey {
         kid: None,
         family: KeyFamily::Hmac,
         alg: None,
-        key: DecodingKey::from_secret(secret),
+        material: Material::Hmac(material),
     }])
 }
 
@@ -190,6 +263,23 @@ mod tests {
         assert!(!KeyFamily::EcP256.accepts(ES384));
         assert!(KeyFamily::Ed25519.accepts(EdDSA));
         assert!(!KeyFamily::Ed25519.accepts(ES256));
+    }
+
+    #[test]
+    fn pem_files_of_every_family() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        for (file, family) in [
+            ("rsa1.pub.pem", KeyFamily::Rsa),
+            ("ec1.pub.pem", KeyFamily::EcP256),
+            ("ed1.pub.pem", KeyFamily::Ed25519),
+        ] {
+            let pem = std::fs::read(format!("{dir}/{file}")).unwrap();
+            assert_eq!(parse_pem(&pem).unwrap().family, family, "{file}");
+        }
+        assert!(matches!(
+            parse_pem(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"),
+            Err(KeyError::Pem)
+        ));
     }
 
     #[test]

@@ -1,33 +1,142 @@
-//! One route's upstreams (round-robin) and the pooled keep-alive client that
-//! reaches them, with failures classified into connect errors, connect timeouts
-//! and failed exchanges.
+//! One route's upstreams (round-robin) and the keep-alive connections to them.
+//!
+//! Each upstream keeps a pool of idle HTTP/1.1 connections (hyper's
+//! connection-level client: one spawned task per connection, a `SendRequest`
+//! handle to it). The pool is sharded by worker thread, so a worker takes and
+//! returns connections without contention. A connection goes back to the pool
+//! when its response body has been read to the end; a body abandoned half-way,
+//! an upgrade or an error closes it. A request that a pooled connection refused
+//! before sending a byte (the upstream closed it meanwhile) is retried once on a
+//! fresh connection.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::HeaderValue;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::Uri;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls_pki_types::CertificateDer;
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::body::Body;
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// An idle connection is closed after this long unused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per upstream and worker; more are closed.
+const MAX_IDLE: usize = 256;
 
-/// One upstream URL.
+/// How an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect")]
+    Connect(#[source] std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("TLS handshake failed")]
+    Tls(#[source] std::io::Error),
+    #[error("HTTP/1.1 handshake failed")]
+    Handshake(#[source] hyper::Error),
+    #[error("the exchange failed")]
+    Exchange(#[source] hyper::Error),
+}
+
+impl UpstreamError {
+    /// Whether the request body went over its limit (the cause is the body's own error).
+    pub fn body_too_large(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(c) = cause {
+            if c.is::<http_body_util::LengthLimitError>() {
+                return true;
+            }
+            cause = c.source();
+        }
+        false
+    }
+}
+
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+/// Idle connections of one upstream, one shard per worker.
+struct Pool {
+    shards: Box<[Mutex<VecDeque<Idle>>]>,
+}
+
+thread_local! {
+    /// This thread's shard index; worker threads set it at start.
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many shards pools have: one per worker thread the process runs.
+pub fn shards() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).max(1))
+}
+
+impl Pool {
+    fn new() -> Self {
+        Self { shards: (0..shards()).map(|_| Mutex::new(VecDeque::new())).collect() }
+    }
+
+    fn shard(&self) -> &Mutex<VecDeque<Idle>> {
+        let i = SHARD.with(|s| s.get()) % self.shards.len();
+        &self.shards[i]
+    }
+
+    fn take(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.shard().lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(i) = idle.pop_back() {
+            if !i.sender.is_closed() && i.since.elapsed() < IDLE_TIMEOUT {
+                return Some(i.sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.shard().lock().unwrap_or_else(|p| p.into_inner());
+        // The oldest are at the front: drop the expired ones on the way.
+        while idle.front().is_some_and(|i| i.since.elapsed() >= IDLE_TIMEOUT || i.sender.is_closed()) {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back(Idle { sender, since: Instant::now() });
+        }
+    }
+}
+
+/// One upstream URL and its connections.
 pub struct Backend {
-    scheme: Scheme,
     pub authority: Authority,
+    /// `Host` for requests to it.
+    host: HeaderValue,
+    /// `host:port` to connect to.
+    addr: String,
     /// Path of the upstream URL without its trailing `/`, prepended to forwarded paths.
     base: String,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+    pool: Arc<Pool>,
 }
 
 impl Backend {
-    /// The upstream's URL for `path` (already normalised) and `query` (as sent).
-    pub fn uri(&self, path: &str, query: Option<&str>) -> Uri {
+    /// The origin-form target for `path` (already normalised) and `query` (as sent).
+    pub fn path_and_query(&self, path: &str, query: Option<&str>) -> PathAndQuery {
         let mut pq = String::with_capacity(self.base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
         pq.push_str(&self.base);
         pq.push_str(if path.is_empty() { "/" } else { path });
@@ -35,88 +144,191 @@ impl Backend {
             pq.push('?');
             pq.push_str(q);
         }
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = PathAndQuery::try_from(pq).ok();
-        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+        PathAndQuery::try_from(pq).unwrap_or_else(|_| PathAndQuery::from_static("/"))
+    }
+
+    /// Whether requests need no base path (the client's own target can be reused).
+    pub fn has_base(&self) -> bool {
+        !self.base.is_empty()
+    }
+
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Body>, UpstreamError> {
+        let establish = async {
+            let tcp = TcpStream::connect(&self.addr).await.map_err(UpstreamError::Connect)?;
+            let _ = tcp.set_nodelay(true);
+            Ok::<_, UpstreamError>(tcp)
+        };
+        let tcp = tokio::time::timeout(self.connect_timeout, establish)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout)??;
+        match &self.tls {
+            None => handshake(tcp).await,
+            Some((connector, name)) => {
+                let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| UpstreamError::ConnectTimeout)?
+                    .map_err(UpstreamError::Tls)?;
+                handshake(tls).await
+            }
+        }
+    }
+
+    /// Sends `req` on a pooled connection (or a new one), returning the response
+    /// with a body that gives the connection back to the pool once read to the end.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<PooledBody>, UpstreamError> {
+        let mut req = req;
+        if let Some(mut sender) = self.pool.take() {
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.pooled(resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the connection had closed; a fresh one will do.
+                    Some(unsent) => req = unsent,
+                    None => return Err(UpstreamError::Exchange(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        let resp = sender.send_request(req).await.map_err(UpstreamError::Exchange)?;
+        Ok(self.pooled(resp, sender))
+    }
+
+    fn pooled(&self, resp: Response<Incoming>, sender: SendRequest<Body>) -> Response<PooledBody> {
+        // An upgraded connection belongs to the tunnel now.
+        let keep = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        let give_back = keep.then(|| (sender, self.pool.clone()));
+        resp.map(|inner| PooledBody { inner, give_back })
     }
 }
 
+async fn handshake<IO>(io: IO) -> Result<SendRequest<Body>, UpstreamError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream response body that returns its connection to the pool at its end.
+    pub struct PooledBody {
+        #[pin]
+        inner: Incoming,
+        give_back: Option<(SendRequest<Body>, Arc<Pool>)>,
+    }
+
+    impl PinnedDrop for PooledBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Read to the end (or had none): the connection can serve another request.
+            if this.inner.is_end_stream() {
+                if let Some((sender, pool)) = this.give_back.take() {
+                    pool.put(sender);
+                }
+            }
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            if let Some((sender, pool)) = this.give_back.take() {
+                pool.put(sender);
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One route's upstreams, chosen round-robin.
 pub struct Upstream {
-    pub client: HttpClient,
     backends: Vec<Backend>,
     next: AtomicUsize,
 }
 
 impl Upstream {
     pub fn new(
-        upstreams: &[Uri],
+        upstreams: &[http::Uri],
         ca: &[CertificateDer<'static>],
         connect_timeout: Duration,
     ) -> Result<Self, rustls::Error> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = crate::tls::client_config(ca)?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        let backends = upstreams
-            .iter()
-            .filter_map(|u| {
-                Some(Backend {
-                    scheme: u.scheme()?.clone(),
-                    authority: u.authority()?.clone(),
-                    base: u.path().trim_end_matches('/').to_owned(),
-                })
-            })
-            .collect();
-        Ok(Self { client, backends, next: AtomicUsize::new(0) })
+        let mut tls_config = None;
+        let mut backends = Vec::with_capacity(upstreams.len());
+        for u in upstreams {
+            let (Some(scheme), Some(authority)) = (u.scheme(), u.authority()) else { continue };
+            let https = *scheme == Scheme::HTTPS;
+            let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let host = authority.host();
+            let tls = if https {
+                let config = match &tls_config {
+                    Some(c) => Arc::clone(c),
+                    None => {
+                        let mut c = crate::tls::client_config(ca)?;
+                        // HTTP/1.1 only, so `Upgrade` works end to end.
+                        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                        let c = Arc::new(c);
+                        tls_config = Some(c.clone());
+                        c
+                    }
+                };
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                let name = ServerName::try_from(bare.to_owned())
+                    .map_err(|_| rustls::Error::General(format!("{host} is not a server name")))?;
+                Some((tokio_rustls::TlsConnector::from(config), name))
+            } else {
+                None
+            };
+            backends.push(Backend {
+                authority: authority.clone(),
+                host: HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| rustls::Error::General(format!("{authority} is not a Host")))?,
+                addr: format!("{host}:{port}"),
+                base: u.path().trim_end_matches('/').to_owned(),
+                tls,
+                connect_timeout,
+                pool: Arc::new(Pool::new()),
+            });
+        }
+        Ok(Self { backends, next: AtomicUsize::new(0) })
     }
 
-    pub fn pick(&self) -> &Backend {
+    pub fn pick(&self) -> Option<&Backend> {
+        if self.backends.len() == 1 {
+            return self.backends.first();
+        }
         let n = self.backends.len().max(1);
-        &self.backends[self.next.fetch_add(1, Ordering::Relaxed) % n]
+        self.backends.get(self.next.fetch_add(1, Ordering::Relaxed) % n)
     }
 }
 
-/// How an exchange with the upstream failed.
-pub enum Failure {
-    BodyTooLarge,
-    ConnectTimeout,
-    Connect,
-    Exchange,
-}
-
-pub fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
-    if caused_by::<http_body_util::LengthLimitError>(e) {
-        return Failure::BodyTooLarge;
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish()
     }
-    if e.is_connect() {
-        let timed_out = chain(e).any(|s| {
-            s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        });
-        return if timed_out { Failure::ConnectTimeout } else { Failure::Connect };
-    }
-    Failure::Exchange
-}
-
-fn chain<'a>(
-    e: &'a (dyn std::error::Error + 'static),
-) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(e), |e| e.source())
-}
-
-fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    chain(e).any(|s| s.is::<T>())
 }

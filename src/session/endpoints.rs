@@ -232,7 +232,7 @@ fn login_redirect(
     let state = s.cookies.sealer.random_token().ok_or_else(fail)?;
     let verifier = s.cookies.sealer.random_token().ok_or_else(fail)?;
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()));
+        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes()));
     let redirect_uri = redirect_uri(target, conn, s);
     let return_to = safe_return_to(query_param(&req, "return_to").as_deref());
     let mut q = form_urlencoded::Serializer::new(String::new());

@@ -129,7 +129,7 @@ async fn session_needing_refresh(idp: &TestIdp, node: &Node, user: &str) -> Jar 
 }
 
 fn sha256_hex(s: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes())
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))

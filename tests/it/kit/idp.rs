@@ -564,7 +564,7 @@ impl Handles {
                     return oauth_error("invalid_grant");
                 };
                 let verifier = form.get("code_verifier").cloned().unwrap_or_default();
-                let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes());
                 if b64(digest.as_ref()) != challenge {
                     return oauth_error("invalid_grant");
                 }
