@@ -14,6 +14,7 @@
 # Traffic goes to 127.0.0.1 only; every run is bounded in time.
 #
 #   benches/load.sh [DURATION_SECS] [ROUNDS]
+#   ONLY="portcullis nginx" benches/load.sh 5 1   # a subset of targets (names as printed; "workers", "rss")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
@@ -171,8 +172,10 @@ cat "$WORK/report.lua" >> "$WORK/many.lua"
 
 : > "$WORK/results"
 # name, pid whose CPU counts, connections, then wrk arguments
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 wrk_run() {
   local name=$1 pid=$2 conns=$3; shift 3
+  want "$name" || return 0
   local before after out
   before=$(ticks "$pid")
   out=$($GEN wrk -t1 -c"$conns" -d"${DUR}s" "$@" 2>&1 | grep RESULT || echo "RESULT 0 0 0 0 1")
@@ -182,6 +185,7 @@ wrk_run() {
 # name, pid, then h2load arguments (h2load reports its own totals)
 h2_run() {
   local name=$1 pid=$2; shift 2
+  want "$name" || return 0
   local before after out n p50 rps errs
   before=$(ticks "$pid")
   out=$($GEN h2load -D "$DUR" "$@" 2>&1)
@@ -210,20 +214,25 @@ for r in $(seq "$ROUNDS"); do
 done
 
 # 1 vs 2 workers, unpinned: portcullis free on both cores, wrk beside it.
+if want workers || want rss; then
 kill "$PC_PID" 2>/dev/null; wait "$PC_PID" 2>/dev/null || true
 for workers in 1 2; do
   TOKIO_WORKER_THREADS=$workers PORTCULLIS_LOG=warn "$BIN" run --config "$WORK/pc.toml" 2>>"$WORK/pc-w$workers.log" >/dev/null &
   PC_PID=$!
   for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
   for r in $(seq "$ROUNDS"); do
+    want workers || break
     before=$(ticks "$PC_PID")
     out=$(wrk -t2 -c64 -d"${DUR}s" "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PC/" 2>&1 | grep RESULT || echo "RESULT 0 0 0 0 1")
     echo "unpinned_${workers}_worker $(( $(ticks "$PC_PID") - before )) $out" >> "$WORK/results"
   done
   [ "$workers" = 2 ] || { kill "$PC_PID"; wait "$PC_PID" 2>/dev/null || true; }
 done
+fi
 
 # 10,000 open keep-alive connections, each having made one request.
+CONN_RSS=-; OPEN=0
+if want rss; then
 $GEN python3 - "$PC" "$TOKEN" <<'PY' &
 import asyncio, sys
 port, token = int(sys.argv[1]), sys.argv[2]
@@ -249,6 +258,7 @@ done
 sleep 1
 CONN_RSS=$(rss "$PC_PID")
 wait $HOLD || true
+fi
 
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
