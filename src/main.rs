@@ -80,7 +80,7 @@ fn main() -> ExitCode {
         }
         Command::Run { config } => {
             let path = config_path(config);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");

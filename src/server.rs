@@ -4,22 +4,19 @@
 //! listener, and a bounded drain on shutdown.
 
 mod guard;
+mod serve;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::clock::unix_now;
-use crate::config::{Config, Limits};
-use crate::conn::Conn;
+use crate::config::Config;
 use crate::state::{BuildError, Runtime};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +28,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start worker threads")]
+    Workers(#[source] std::io::Error),
     #[error(transparent)]
     Build(#[from] BuildError),
 }
@@ -44,42 +43,73 @@ pub struct Addrs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
+pub(super) enum Kind {
     Http,
     Https,
     Admin,
 }
 
+/// One proxy listener's sockets: one per worker, bound to the same address with
+/// `SO_REUSEPORT`, so the kernel spreads connections and no accept is shared.
+struct Listener {
+    kind: Kind,
+    sockets: Vec<std::net::TcpListener>,
+    /// `max_connections` counts across the listener's workers.
+    permits: Arc<Semaphore>,
+}
+
 pub struct Server {
     runtime: Arc<Runtime>,
-    listeners: Vec<(Kind, TcpListener)>,
+    proxy: Vec<Listener>,
+    admin: Option<std::net::TcpListener>,
     addrs: Addrs,
+    workers: usize,
+}
+
+/// Workers: `PORTCULLIS_WORKERS`, else one per core the process may run on.
+fn worker_count() -> usize {
+    std::env::var("PORTCULLIS_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(crate::forward::upstream::shards)
 }
 
 impl Server {
     /// Builds the runtime state and binds every configured listener.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let listen = config.listen.clone();
+        let max_connections = config.limits.max_connections;
         let runtime = Runtime::new(config)?;
-        let mut listeners = Vec::new();
+        let workers = worker_count();
+        let mut proxy = Vec::new();
         let mut addrs = Addrs::default();
-        for (kind, key, addr) in [
-            (Kind::Http, "http", listen.http),
-            (Kind::Https, "https", listen.https),
-            (Kind::Admin, "admin", listen.admin),
-        ] {
+        for (kind, key, addr) in [(Kind::Http, "http", listen.http), (Kind::Https, "https", listen.https)] {
             let Some(addr) = addr else { continue };
-            let l = bind_listener(addr).map_err(|source| StartError::Bind { key, addr, source })?;
-            let local = l.local_addr().map_err(|source| StartError::Bind { key, addr, source })?;
+            let err = |source| StartError::Bind { key, addr, source };
+            let first = bind_listener(addr, workers > 1).map_err(err)?;
+            let local = first.local_addr().map_err(err)?;
+            let mut sockets = vec![first];
+            for _ in 1..workers {
+                sockets.push(bind_listener(local, true).map_err(err)?);
+            }
             match kind {
                 Kind::Http => addrs.http = Some(local),
-                Kind::Https => addrs.https = Some(local),
-                Kind::Admin => addrs.admin = Some(local),
+                _ => addrs.https = Some(local),
             }
-            listeners.push((kind, l));
+            proxy.push(Listener { kind, sockets, permits: Arc::new(Semaphore::new(max_connections)) });
         }
+        let admin = match listen.admin {
+            Some(addr) => {
+                let err = |source| StartError::Bind { key: "admin", addr, source };
+                let l = bind_listener(addr, false).map_err(err)?;
+                addrs.admin = Some(l.local_addr().map_err(err)?);
+                Some(l)
+            }
+            None => None,
+        };
         tokio::spawn(sweep(Arc::downgrade(&runtime)));
-        Ok(Self { runtime, listeners, addrs })
+        Ok(Self { runtime, proxy, admin, addrs, workers })
     }
 
     pub fn addrs(&self) -> Addrs {
@@ -91,7 +121,10 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and drains in-flight
-    /// requests for at most `limits.drain_timeout`.
+    /// requests for at most `limits.drain_timeout`. Proxy connections are served by
+    /// worker threads, each with its own single-threaded runtime (a connection and
+    /// its upstream connections stay on one thread); the admin listener and the
+    /// background work stay on the caller's runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         // Proxy listeners: `stop` ends accepting and closes connections gracefully,
         // `force` drops whatever is left when the drain times out.
@@ -99,24 +132,45 @@ impl Server {
         // The admin listener outlives the drain, so `/readyz` can answer 503 meanwhile.
         let admin = Signals::new();
         let open = Arc::new(OpenConnections::default());
-        let mut loops = Vec::new();
-        let mut admin_loops = Vec::new();
-        for (kind, listener) in self.listeners {
-            let shared = self.runtime.clone();
-            if kind == Kind::Admin {
-                admin_loops.push(tokio::spawn(accept_loop(kind, listener, shared, admin.clone(), None)));
-            } else {
-                let open = Some(open.clone());
-                loops.push(tokio::spawn(accept_loop(kind, listener, shared, proxy.clone(), open)));
+        let mut per_worker: Vec<Vec<(Kind, std::net::TcpListener, Arc<Semaphore>)>> =
+            (0..self.workers).map(|_| Vec::new()).collect();
+        for l in self.proxy {
+            for (w, socket) in l.sockets.into_iter().enumerate() {
+                per_worker[w].push((l.kind, socket, l.permits.clone()));
             }
         }
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut threads = Vec::new();
+        for (w, listeners) in per_worker.into_iter().enumerate() {
+            let runtime = self.runtime.clone();
+            let (proxy, open, done) = (proxy.clone(), open.clone(), done_tx.clone());
+            let spawned =
+                std::thread::Builder::new().name(format!("portcullis-worker-{w}")).spawn(move || {
+                    worker(w, listeners, runtime, proxy, open);
+                    drop(done);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(error = %e, worker = w, "cannot start a worker thread"),
+            }
+        }
+        drop(done_tx);
+        let admin_loop = self.admin.and_then(|l| {
+            let l = TcpListener::from_std(l).ok()?;
+            let permits = Arc::new(Semaphore::new(1024));
+            Some(tokio::spawn(accept_loop(
+                Kind::Admin,
+                l,
+                permits,
+                self.runtime.clone(),
+                admin.clone(),
+                None,
+            )))
+        });
         shutdown.await;
         self.runtime.draining.store(true, Ordering::SeqCst);
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         proxy.stop();
-        for l in loops {
-            let _ = l.await;
-        }
         let drain = self.runtime.current.load().limits.drain_timeout;
         match tokio::time::timeout(drain, open.none_left()).await {
             Ok(()) => tracing::info!("drained"),
@@ -125,38 +179,85 @@ impl Server {
             }
         }
         proxy.force();
-        // Let the forced connections close before the runtime goes: a task torn down
-        // with the runtime could otherwise see its upstream vanish and answer 502.
-        let _ = tokio::time::timeout(Duration::from_secs(1), open.none_left()).await;
+        // Every worker has closed its connections once its thread ends.
+        let _ = tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await;
         admin.stop();
         admin.force();
-        for l in admin_loops {
+        if let Some(l) = admin_loop {
             let _ = l.await;
         }
+        let _ = threads;
     }
+}
+
+/// One worker thread: a single-threaded runtime serving its share of each proxy
+/// listener until `stop`, then its connections until they end or `force`.
+fn worker(
+    n: usize,
+    listeners: Vec<(Kind, std::net::TcpListener, Arc<Semaphore>)>,
+    runtime: Arc<Runtime>,
+    signals: Signals,
+    open: Arc<OpenConnections>,
+) {
+    crate::forward::upstream::set_worker(n);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, worker = n, "cannot start a worker runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let mut loops = Vec::new();
+        for (kind, socket, permits) in listeners {
+            match TcpListener::from_std(socket) {
+                Ok(l) => loops.push(tokio::spawn(accept_loop(
+                    kind,
+                    l,
+                    permits,
+                    runtime.clone(),
+                    signals.clone(),
+                    Some(open.clone()),
+                ))),
+                Err(e) => tracing::error!(error = %e, worker = n, "cannot register a listener"),
+            }
+        }
+        for l in loops {
+            let _ = l.await;
+        }
+        // Accepting has stopped; serve what is open until it ends or is forced off.
+        let mut force = signals.force.subscribe();
+        tokio::select! {
+            _ = open.none_left() => {}
+            _ = stopped(&mut force) => {}
+        }
+        // Forced connections close before the runtime goes: a task torn down with
+        // the runtime could otherwise see its upstream vanish and answer 502.
+        let _ = tokio::time::timeout(Duration::from_secs(1), open.none_left()).await;
+    });
 }
 
 /// The two ends of a listener's life, shared by its accept loop and connections.
 #[derive(Clone)]
-struct Signals {
-    stop: watch::Sender<bool>,
-    force: watch::Sender<bool>,
+pub(super) struct Signals {
+    pub(super) stop: watch::Sender<bool>,
+    pub(super) force: watch::Sender<bool>,
 }
 
 impl Signals {
     fn new() -> Self {
         Self { stop: watch::channel(false).0, force: watch::channel(false).0 }
     }
-    fn stop(&self) {
+    pub(super) fn stop(&self) {
         self.stop.send_replace(true);
     }
-    fn force(&self) {
+    pub(super) fn force(&self) {
         self.force.send_replace(true);
     }
 }
 
 /// Resolves once the signal is (or already was) raised.
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(super) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
@@ -182,12 +283,11 @@ impl OpenConnections {
 async fn accept_loop(
     kind: Kind,
     listener: TcpListener,
+    permits: Arc<Semaphore>,
     shared: Arc<Runtime>,
     signals: Signals,
     open: Option<Arc<OpenConnections>>,
 ) {
-    let limit = shared.current.load().limits.max_connections;
-    let permits = Arc::new(Semaphore::new(limit));
     let mut stop = signals.stop.subscribe();
     loop {
         let permit = tokio::select! {
@@ -215,7 +315,7 @@ async fn accept_loop(
         }
         tokio::spawn(async move {
             shared.metrics.open_connections.fetch_add(1, Ordering::Relaxed);
-            serve_connection(kind, stream, peer, &shared, &signals).await;
+            serve::serve_connection(kind, stream, peer, &shared, &signals).await;
             shared.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
             if let Some(o) = open {
                 o.count.fetch_sub(1, Ordering::AcqRel);
@@ -224,197 +324,6 @@ async fn accept_loop(
             drop(permit);
         });
     }
-}
-
-/// An HTTP/2 connection that has started no stream for this long is closed (GOAWAY).
-/// HTTP/1.1 keep-alive connections are bounded by `header_read_timeout` instead.
-const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// HTTP/2 keep-alive: a PING every interval, the connection dropped when unanswered.
-const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn http1(limits: &Limits) -> hyper::server::conn::http1::Builder {
-    let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper needs at least 8 KiB of read buffer.
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    b
-}
-
-fn http2(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(H2_PING_INTERVAL))
-        .keep_alive_timeout(H2_PING_TIMEOUT);
-    b
-}
-
-async fn serve_connection(
-    kind: Kind,
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: &Arc<Runtime>,
-    signals: &Signals,
-) {
-    let snap = shared.current.load_full();
-    let limits = &snap.limits;
-    let mut stop = signals.stop.subscribe();
-    let force = signals.force.subscribe();
-    match kind {
-        Kind::Admin => {
-            let shared = shared.clone();
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(crate::admin::handle(req, &shared).await) }
-            });
-            // Admin connections are not drained: they must keep answering during the drain.
-            let conn = http1(limits).serve_connection(TokioIo::new(stream), svc);
-            drive(conn, |_| {}, None, force, None).await;
-        }
-        Kind::Http => {
-            // Before its first request a connection is idle: shutdown simply drops it.
-            let detected = tokio::select! {
-                d = guard::detect(stream, limits.header_read_timeout) => d,
-                _ = stopped(&mut stop) => return,
-            };
-            let conn = Arc::new(Conn::new(peer, false));
-            match detected {
-                guard::Detected::Http1(io) => serve_h1(io, conn, shared, limits, stop, force).await,
-                guard::Detected::Http2(io) => serve_h2(io, conn, shared, limits, stop, force).await,
-                guard::Detected::Nothing => {}
-            }
-        }
-        Kind::Https => {
-            let Some(tls) = snap.tls.clone() else { return };
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
-            let stream = tokio::select! {
-                h = handshake => match h {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::info!(peer = %peer, failure = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(peer = %peer, failure = "timeout", "TLS handshake failed");
-                        return;
-                    }
-                },
-                _ = stopped(&mut stop) => return,
-            };
-            let conn = Arc::new(Conn::new(peer, true));
-            // ALPN already chose the protocol; no sniffing (and no wait) needed.
-            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                serve_h2(stream, conn, shared, limits, stop, force).await;
-            } else {
-                serve_h1(stream, conn, shared, limits, stop, force).await;
-            }
-        }
-    }
-}
-
-async fn serve_h1<IO>(
-    io: IO,
-    conn: Arc<Conn>,
-    shared: &Arc<Runtime>,
-    limits: &Limits,
-    stop: watch::Receiver<bool>,
-    force: watch::Receiver<bool>,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = proxy_service(shared.clone(), conn);
-    let c = http1(limits).serve_connection(TokioIo::new(io), svc).with_upgrades();
-    drive(c, |c| c.graceful_shutdown(), Some(stop), force, None).await;
-}
-
-async fn serve_h2<IO>(
-    io: IO,
-    conn: Arc<Conn>,
-    shared: &Arc<Runtime>,
-    limits: &Limits,
-    stop: watch::Receiver<bool>,
-    force: watch::Receiver<bool>,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let io = guard::HeaderDeadline::new(io, limits.header_read_timeout);
-    let svc = proxy_service(shared.clone(), conn.clone());
-    let c = http2(limits).serve_connection(TokioIo::new(io), svc);
-    drive(c, |c| c.graceful_shutdown(), Some(stop), force, Some(conn)).await;
-}
-
-/// Runs a connection to its end: gracefully closed on `stop` (or, for HTTP/2,
-/// after `H2_IDLE_TIMEOUT` without a new stream), dropped on `force`.
-async fn drive<C, E>(
-    conn: C,
-    graceful: impl Fn(std::pin::Pin<&mut C>),
-    stop: Option<watch::Receiver<bool>>,
-    mut force: watch::Receiver<bool>,
-    idle: Option<Arc<Conn>>,
-) where
-    C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    tokio::pin!(conn);
-    let stopping = async move {
-        match stop {
-            Some(mut s) => stopped(&mut s).await,
-            None => std::future::pending().await,
-        }
-    };
-    let idle = async move {
-        match idle {
-            Some(c) => c.idle_for(H2_IDLE_TIMEOUT).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(stopping, idle);
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            _ = &mut stopping, if !closing => {
-                graceful(conn.as_mut());
-                closing = true;
-            }
-            _ = &mut idle, if !closing => {
-                graceful(conn.as_mut());
-                closing = true;
-            }
-            _ = stopped(&mut force) => return,
-        }
-    }
-}
-
-fn proxy_service(
-    shared: Arc<Runtime>,
-    conn: Arc<Conn>,
-) -> impl hyper::service::Service<
-    http::Request<hyper::body::Incoming>,
-    Response = http::Response<crate::body::Body>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<http::Response<crate::body::Body>, Infallible>> + Send,
-> + Clone {
-    service_fn(move |req| {
-        let shared = shared.clone();
-        let conn = conn.clone();
-        conn.touch();
-        // Boxed: hyper keeps room for one service future per connection, so an
-        // idle keep-alive connection should not carry the whole pipeline's state.
-        Box::pin(async move {
-            // Each request keeps the configuration it started with, even across a reload.
-            let snap = shared.current.load_full();
-            Ok::<_, Infallible>(crate::proxy::handle(req, &conn, &snap, &shared).await)
-        })
-    })
 }
 
 /// Forgets revocations of tokens that have expired anyway.
@@ -427,11 +336,17 @@ async fn sweep(runtime: std::sync::Weak<Runtime>) {
 }
 
 /// Binds with a backlog deeper than the default 128, so a burst of connects is
-/// queued instead of waiting for SYN retries.
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket =
-        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
+/// queued instead of waiting for SYN retries; `SO_REUSEPORT` when several
+/// workers share the address.
+fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }

@@ -79,6 +79,11 @@ thread_local! {
     static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// Marks the current thread as worker `n` (for pool sharding).
+pub fn set_worker(n: usize) {
+    SHARD.with(|s| s.set(n));
+}
+
 /// How many shards pools have: one per worker thread the process runs.
 pub fn shards() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
