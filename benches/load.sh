@@ -22,6 +22,7 @@ ROUNDS=${2:-2}
 WORK=$(mktemp -d /tmp/portcullis-load.XXXXXX)
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true
+  [ -f "$WORK/pids" ] && kill $(cat "$WORK/pids") 2>/dev/null || true
   for c in "$WORK"/nginx-*.conf; do nginx -c "$c" -s stop 2>/dev/null || true; done
   [ -f "$WORK/haproxy.pid" ] && kill "$(cat "$WORK/haproxy.pid")" 2>/dev/null || true
   sleep 0.5
@@ -128,6 +129,7 @@ PCS_TLS=$((PCS + 100))
 start_pc() { # $1 config, $2 log level, $3 admin port; prints the pid
   PORTCULLIS_LOG=$2 $SUT "$BIN" run --config "$1" 2>>"$WORK/pc-$3.log" >/dev/null &
   local pid=$!
+  echo $pid >> "$WORK/pids"
   for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
   echo $pid
 }
@@ -219,6 +221,7 @@ kill "$PC_PID" 2>/dev/null; wait "$PC_PID" 2>/dev/null || true
 for workers in 1 2; do
   TOKIO_WORKER_THREADS=$workers PORTCULLIS_LOG=warn "$BIN" run --config "$WORK/pc.toml" 2>>"$WORK/pc-w$workers.log" >/dev/null &
   PC_PID=$!
+  echo $PC_PID >> "$WORK/pids"
   for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
   for r in $(seq "$ROUNDS"); do
     want workers || break
