@@ -1,28 +1,73 @@
 //! Facts about the downstream connection a request arrived on.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use hyper::upgrade::OnUpgrade;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-#[derive(Debug)]
 pub struct Conn {
     pub peer: SocketAddr,
     pub tls: bool,
-    /// When the last request started, in ms since `opened` (for the HTTP/2 idle timeout).
+    /// When the last request started, in ms since `opened` (idle timeouts, parking).
     last_request_ms: AtomicU64,
+    /// Requests whose answer is not yet produced.
+    in_flight: AtomicUsize,
     opened: Instant,
+    /// The upstream side of a `101` answer, for the connection to splice once the
+    /// answer is written (HTTP/1.1 upgrades are completed by the connection).
+    upgrade: Mutex<Option<OnUpgrade>>,
+}
+
+/// Counts a request as in flight until dropped.
+pub struct InFlight<'a>(&'a Conn);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Conn {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
-        Self { peer, tls, last_request_ms: AtomicU64::new(0), opened: Instant::now() }
+        Self {
+            peer,
+            tls,
+            last_request_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            opened: Instant::now(),
+            upgrade: Mutex::new(None),
+        }
     }
 
-    /// Records that a request started now.
-    pub fn touch(&self) {
+    /// Records that a request started now; it is in flight until the guard drops.
+    pub fn request_started(&self) -> InFlight<'_> {
         self.last_request_ms.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    /// Resolves once nothing is in flight and no request has started for `idle`.
+    pub async fn park_due(&self, idle: Duration) {
+        loop {
+            self.idle_for(idle).await;
+            if self.in_flight.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep(idle).await;
+        }
+    }
+
+    /// Hands the upstream's upgraded connection to this connection.
+    pub fn offer_upgrade(&self, upstream: OnUpgrade) {
+        *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(upstream);
+    }
+
+    pub fn take_upgrade(&self) -> Option<OnUpgrade> {
+        self.upgrade.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Resolves once no request has started for `idle`.

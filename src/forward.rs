@@ -87,7 +87,7 @@ impl Forwarder {
     /// proxy's cookie names, scrubbed from the `Cookie` header.
     pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         target: &Target,
         conn: &Conn,
         admitted: &Admitted,
@@ -115,7 +115,6 @@ impl Forwarder {
         }
 
         let upgrade = headers::upgrade_protocol(req.headers());
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
         // The client's own origin-form target goes out unchanged when nothing
@@ -183,8 +182,9 @@ impl Forwarder {
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                tunnel::splice(client_upgrade, hyper::upgrade::on(&mut resp), self.name.clone());
+            // The client's connection completes the upgrade once the 101 is written.
+            if upgrade.is_some() {
+                conn.offer_upgrade(hyper::upgrade::on(&mut resp));
             }
         } else {
             headers::remove_hop_by_hop(resp.headers_mut());

@@ -3,16 +3,21 @@
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Splices the client's and the upstream's upgraded connections, in its own task.
-pub fn splice(client: OnUpgrade, upstream: OnUpgrade, route: String) {
+/// Splices the client's connection (as the server connection handed it back)
+/// with the upstream's upgraded one, in its own task.
+pub fn splice<C>(mut client: C, upstream: OnUpgrade)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
-        match tokio::try_join!(client, upstream) {
-            Ok((down, up)) => {
-                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+        match upstream.await {
+            Ok(up) => {
+                let mut up = TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
             }
-            Err(e) => tracing::debug!(route = %route, error = %e, "upgrade failed"),
+            Err(e) => tracing::debug!(error = %e, "upstream upgrade failed"),
         }
     });
 }

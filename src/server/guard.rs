@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -25,7 +26,8 @@ pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What the first bytes of a plain connection said.
 pub enum Detected {
-    Http1(Replay<TcpStream>),
+    /// The stream as it was (the bytes read so far are replayed by the caller).
+    Http1(TcpStream, Bytes),
     Http2(Replay<TcpStream>),
     /// Closed, failed, or too slow to say anything.
     Nothing,
@@ -43,10 +45,10 @@ pub async fn detect(mut stream: TcpStream, timeout: Duration) -> Detected {
             Ok(Ok(m)) => n += m,
         }
         if buf[..n] != H2_PREFACE[..n] {
-            return Detected::Http1(Replay::new(stream, buf, n));
+            return Detected::Http1(stream, Bytes::copy_from_slice(&buf[..n]));
         }
         if n == H2_PREFACE.len() {
-            return Detected::Http2(Replay::new(stream, buf, n));
+            return Detected::Http2(Replay::new(stream, Bytes::copy_from_slice(&buf[..n])));
         }
     }
 }
@@ -56,14 +58,29 @@ pub async fn detect(mut stream: TcpStream, timeout: Duration) -> Detected {
 /// An IO that first yields bytes already read from it.
 pub struct Replay<IO> {
     io: IO,
-    head: [u8; 24],
-    pos: u8,
-    len: u8,
+    head: Bytes,
 }
 
 impl<IO> Replay<IO> {
-    fn new(io: IO, head: [u8; 24], len: usize) -> Self {
-        Self { io, head, pos: 0, len: len as u8 }
+    pub fn new(io: IO, head: Bytes) -> Self {
+        Self { io, head }
+    }
+
+    /// The same IO, now replaying `more` after whatever it had not yet replayed.
+    pub fn with_prefix(mut self, more: Bytes) -> Self {
+        self.head = if self.head.is_empty() {
+            more
+        } else {
+            let mut joined = bytes::BytesMut::with_capacity(self.head.len() + more.len());
+            joined.extend_from_slice(&self.head);
+            joined.extend_from_slice(&more);
+            joined.freeze()
+        };
+        self
+    }
+
+    pub fn has_prefix(&self) -> bool {
+        !self.head.is_empty()
     }
 }
 
@@ -73,11 +90,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.pos < self.len {
-            let (pos, len) = (usize::from(self.pos), usize::from(self.len));
-            let n = (len - pos).min(buf.remaining());
-            buf.put_slice(&self.head[pos..pos + n]);
-            self.pos += n as u8;
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            let chunk = self.head.split_to(n);
+            buf.put_slice(&chunk);
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)

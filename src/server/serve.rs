@@ -1,7 +1,8 @@
 //! One connection, from its first byte to its end: protocol detection on the
-//! plain listener, the TLS handshake, HTTP/1.1 (with upgrades) or HTTP/2, the
-//! slow-client deadlines (`guard`), graceful close on shutdown or HTTP/2
-//! idleness, and the service that hands each request to `proxy::handle`.
+//! plain listener, the TLS handshake, HTTP/1.1 (parked when idle, upgrades
+//! spliced) or HTTP/2, the slow-client deadlines (`guard`), graceful close on
+//! shutdown or HTTP/2 idleness, and the service that hands each request to
+//! `proxy::handle`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -74,53 +76,153 @@ pub(super) async fn serve_connection(
             };
             let conn = Arc::new(Conn::new(peer, false));
             match detected {
-                guard::Detected::Http1(io) => serve_h1(io, conn, shared, limits, stop, force).await,
-                guard::Detected::Http2(io) => serve_h2(io, conn, shared, limits, stop, force).await,
+                // Boxed, so a connection's task is only as large as the protocol it speaks.
+                guard::Detected::Http1(io, head) => {
+                    Box::pin(serve_h1(io, head, conn, shared, limits, stop, force)).await
+                }
+                guard::Detected::Http2(io) => Box::pin(serve_h2(io, conn, shared, limits, stop, force)).await,
                 guard::Detected::Nothing => {}
             }
         }
-        Kind::Https => {
-            let Some(tls) = snap.tls.clone() else { return };
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
-            let stream = tokio::select! {
-                h = handshake => match h {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::info!(peer = %peer, failure = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(peer = %peer, failure = "timeout", "TLS handshake failed");
-                        return;
-                    }
-                },
-                _ = stopped(&mut stop) => return,
-            };
-            let conn = Arc::new(Conn::new(peer, true));
-            // ALPN already chose the protocol; no sniffing (and no wait) needed.
-            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                serve_h2(stream, conn, shared, limits, stop, force).await;
-            } else {
-                serve_h1(stream, conn, shared, limits, stop, force).await;
-            }
-        }
+        // Boxed: plain connections do not carry a TLS handshake's state.
+        Kind::Https => Box::pin(serve_tls(stream, peer, &snap, shared, stop, force)).await,
     }
 }
 
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    snap: &crate::state::Snapshot,
+    shared: &Arc<Runtime>,
+    mut stop: watch::Receiver<bool>,
+    force: watch::Receiver<bool>,
+) {
+    let limits = &snap.limits;
+    let Some(tls) = snap.tls.clone() else { return };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+    let stream = tokio::select! {
+        h = handshake => match h {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(peer = %peer, failure = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(peer = %peer, failure = "timeout", "TLS handshake failed");
+                return;
+            }
+        },
+        _ = stopped(&mut stop) => return,
+    };
+    let conn = Arc::new(Conn::new(peer, true));
+    // ALPN already chose the protocol; no sniffing (and no wait) needed.
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        Box::pin(serve_h2(stream, conn, shared, limits, stop, force)).await;
+    } else {
+        Box::pin(serve_h1(stream, Bytes::new(), conn, shared, limits, stop, force)).await;
+    }
+}
+
+/// An HTTP/1.1 keep-alive connection with no request for this long hands its
+/// buffers back (hyper's read and write buffers, about 24 KiB) and waits for its
+/// next request holding nothing but the socket.
+const H1_PARK_AFTER: Duration = Duration::from_secs(2);
+/// How much of a parked connection's next request is read before hyper takes over.
+const PARK_READ: usize = 256;
+
+/// HTTP/1.1, request after request. While requests come, one hyper connection
+/// serves them; once the connection idles, hyper lets go of the socket without
+/// closing it (`poll_without_shutdown`), its buffers are freed, and a new hyper
+/// connection starts with the next request's first bytes. Upgrades are handled
+/// here too: after a `101` the client's socket (and any bytes it already sent)
+/// is spliced to the upstream's.
 async fn serve_h1<IO>(
     io: IO,
+    head: Bytes,
     conn: Arc<Conn>,
     shared: &Arc<Runtime>,
     limits: &Limits,
-    stop: watch::Receiver<bool>,
-    force: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    mut force: watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = proxy_service(shared.clone(), conn);
-    let c = http1(limits).serve_connection(TokioIo::new(io), svc).with_upgrades();
-    drive(c, |c| c.graceful_shutdown(), Some(stop), force, None).await;
+    let mut io = guard::Replay::new(io, head);
+    loop {
+        // The busy part is boxed: a parked connection's task keeps none of it.
+        let active = Box::pin(serve_h1_active(io, &conn, shared, limits, &mut stop, &mut force)).await;
+        let Some((parts, parking)) = active else { return };
+        let hyper::server::conn::http1::Parts { io: hyper_io, read_buf, .. } = parts;
+        // hyper's leftover bytes share its 16 KiB read buffer: copy them out so it is freed.
+        let leftover = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
+        drop(read_buf);
+        let raw = hyper_io.into_inner();
+        if let Some(upstream) = conn.take_upgrade() {
+            crate::forward::tunnel::splice(raw.with_prefix(leftover), upstream);
+            return;
+        }
+        if !parking {
+            return;
+        }
+        let mut raw = raw.with_prefix(leftover);
+        if !raw.has_prefix() {
+            // Parked: wait for the next request within what is left of the idle bound.
+            let wait = limits.header_read_timeout.saturating_sub(H1_PARK_AFTER);
+            let mut first = [0u8; PARK_READ];
+            let n = tokio::select! {
+                r = tokio::time::timeout(wait, tokio::io::AsyncReadExt::read(&mut raw, &mut first)) => match r {
+                    Ok(Ok(n)) if n > 0 => n,
+                    _ => return,
+                },
+                _ = stopped(&mut stop) => return,
+                _ = stopped(&mut force) => return,
+            };
+            raw = raw.with_prefix(Bytes::copy_from_slice(&first[..n]));
+        }
+        io = raw;
+    }
+}
+
+type H1Parts<IO> = hyper::server::conn::http1::Parts<TokioIo<guard::Replay<IO>>, ProxyService>;
+
+/// Serves requests on one hyper connection until it ends: `None` when the
+/// connection is over, else its parts and whether it was let go to park (as
+/// opposed to after an upgrade).
+async fn serve_h1_active<IO>(
+    io: guard::Replay<IO>,
+    conn: &Arc<Conn>,
+    shared: &Arc<Runtime>,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+    force: &mut watch::Receiver<bool>,
+) -> Option<(H1Parts<IO>, bool)>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = proxy_service(shared.clone(), conn.clone());
+    let mut c = http1(limits).serve_connection(TokioIo::new(io), svc);
+    let mut closing = false;
+    let mut parking = false;
+    let ended = loop {
+        tokio::select! {
+            r = std::future::poll_fn(|cx| c.poll_without_shutdown(cx)) => break r,
+            _ = stopped(stop), if !closing => {
+                std::pin::Pin::new(&mut c).graceful_shutdown();
+                closing = true;
+            }
+            _ = conn.park_due(H1_PARK_AFTER), if !closing && !parking => {
+                std::pin::Pin::new(&mut c).graceful_shutdown();
+                parking = true;
+            }
+            _ = stopped(force) => return None,
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+        return None;
+    }
+    Some((c.into_parts(), parking && !closing))
 }
 
 async fn serve_h2<IO>(
@@ -187,25 +289,35 @@ async fn drive<C, E>(
     }
 }
 
-fn proxy_service(
+/// The service hyper calls for each request: `proxy::handle` on the snapshot
+/// current when the request starts.
+#[derive(Clone)]
+struct ProxyService {
     shared: Arc<Runtime>,
     conn: Arc<Conn>,
-) -> impl hyper::service::Service<
-    http::Request<hyper::body::Incoming>,
-    Response = http::Response<crate::body::Body>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<http::Response<crate::body::Body>, Infallible>> + Send,
-> + Clone {
-    service_fn(move |req| {
-        let shared = shared.clone();
-        let conn = conn.clone();
-        conn.touch();
-        // Boxed: hyper keeps room for one service future per connection, so an
-        // idle keep-alive connection should not carry the whole pipeline's state.
+}
+
+type Answer =
+    std::pin::Pin<Box<dyn Future<Output = Result<http::Response<crate::body::Body>, Infallible>> + Send>>;
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ProxyService {
+    type Response = http::Response<crate::body::Body>;
+    type Error = Infallible;
+    // Boxed: hyper keeps room for one service future per connection, so an idle
+    // keep-alive connection should not carry the whole pipeline's state.
+    type Future = Answer;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Answer {
+        let (shared, conn) = (self.shared.clone(), self.conn.clone());
         Box::pin(async move {
+            let _in_flight = conn.request_started();
             // Each request keeps the configuration it started with, even across a reload.
             let snap = shared.current.load_full();
-            Ok::<_, Infallible>(crate::proxy::handle(req, &conn, &snap, &shared).await)
+            Ok(crate::proxy::handle(req, &conn, &snap, &shared).await)
         })
-    })
+    }
+}
+
+fn proxy_service(shared: Arc<Runtime>, conn: Arc<Conn>) -> ProxyService {
+    ProxyService { shared, conn }
 }

@@ -329,3 +329,75 @@ async fn websocket_echo_through_the_proxy() {
     ws.close(None).await.expect("close");
     assert_eq!(up.seen(), vec![("GET".to_owned(), "/ws/chat".to_owned())]);
 }
+
+/// Reads one `200` answer with a `Content-Length` body from a raw keep-alive socket.
+async fn read_one_answer(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let done = |b: &[u8]| {
+        let text = String::from_utf8_lossy(b);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else { return false };
+        let len = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        body.len() >= len
+    };
+    while !done(&got) {
+        let n =
+            tokio::time::timeout(DEADLINE, tcp.read(&mut buf)).await.expect("answer in time").expect("read");
+        assert!(n > 0, "the proxy closed the keep-alive connection; got {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+// An idle HTTP/1.1 connection hands hyper's buffers back after 2 s and waits for
+// its next request with none; the client must not notice.
+const PARKED: Duration = Duration::from_millis(2600);
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_serves_its_next_request_after_giving_back_its_buffers() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.http_addr()).await.expect("connect");
+    tcp.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    assert!(read_one_answer(&mut tcp).await.starts_with("HTTP/1.1 200"));
+    // A time precondition, not a wait for an event: the connection must be idle long enough to park.
+    tokio::time::sleep(PARKED).await;
+    // The next request arrives in two pieces: the parked connection reads the first
+    // bytes itself, hyper the rest.
+    tcp.write_all(b"GET /sec").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tcp.write_all(b"ond HTTP/1.1\r\nHost: x\r\nX-Kept: 1\r\n\r\n").await.expect("write");
+    let answer = read_one_answer(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tcp.write_all(b"GET /third HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    assert!(read_one_answer(&mut tcp).await.starts_with("HTTP/1.1 200"));
+    let paths: Vec<String> = up.seen().into_iter().map(|(_, p)| p).collect();
+    assert_eq!(paths, ["/first", "/second", "/third"]);
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_on_a_parked_connection_is_tunnelled() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start().await;
+    let proxy = proxy_to(&up).await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.http_addr()).await.expect("connect");
+    tcp.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    assert!(read_one_answer(&mut tcp).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(PARKED).await;
+    let url = format!("ws://{}/ws/chat", proxy.http_addr());
+    let (mut ws, resp) = tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(url, tcp))
+        .await
+        .expect("handshake within the deadline")
+        .expect("WebSocket handshake on the parked connection");
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("after parking")).await.expect("send");
+    let back =
+        tokio::time::timeout(DEADLINE, ws.next()).await.expect("echo in time").expect("open").expect("ok");
+    assert_eq!(back, Message::text("after parking"));
+}
