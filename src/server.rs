@@ -290,10 +290,6 @@ async fn accept_loop(
 ) {
     let mut stop = signals.stop.subscribe();
     loop {
-        let permit = tokio::select! {
-            _ = stopped(&mut stop) => return,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
         let (stream, peer) = tokio::select! {
             _ = stopped(&mut stop) => return,
             r = listener.accept() => match r {
@@ -305,6 +301,13 @@ async fn accept_loop(
                     continue;
                 }
             },
+        };
+        // The permit is taken after the accept: a worker waiting in accept must not
+        // hold a slot that another worker's connection needs. Over the limit, the
+        // connection waits here, unserved (at most one per worker).
+        let permit = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();

@@ -187,18 +187,39 @@ async fn idle_connection_without_a_request_is_closed_after_header_read_timeout()
 
 #[tokio::test]
 async fn connection_flood_is_held_at_max_connections() {
+    use tokio::io::AsyncWriteExt;
     let up = Upstream::start().await;
     let proxy = proxy_with(&up, "max_connections = 2").await;
-    // Two idle sockets take both slots (the accept queue is served in order).
-    let a = TcpStream::connect(proxy.http_addr()).await.expect("connect a");
-    let _b = TcpStream::connect(proxy.http_addr()).await.expect("connect b");
+    // Two connections are being served (their requests reached the upstream)…
+    let mut a = TcpStream::connect(proxy.http_addr()).await.expect("connect a");
+    a.write_all(b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write a");
+    let mut b = TcpStream::connect(proxy.http_addr()).await.expect("connect b");
+    b.write_all(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write b");
+    up.wait_for_requests(2).await;
+    // …so a third is held until one of them closes.
     let mut third = tokio::spawn(get(proxy.url("/third")).send());
     let early = tokio::time::timeout(Duration::from_millis(500), &mut third).await;
     assert!(early.is_err(), "a third connection was served while two were open");
-    assert!(up.seen().is_empty());
+    assert_eq!(up.seen().len(), 2);
+    let first = read_until_closed_or(&mut a, "/slow").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     drop(a);
     let reply = tokio::time::timeout(DEADLINE, third).await.expect("served once a slot frees").expect("task");
     assert_eq!(reply.echo().path, "/third");
+}
+
+/// Reads from `s` until `marker` appears in what arrived (or the deadline passes).
+async fn read_until_closed_or(s: &mut TcpStream, marker: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(marker) {
+        match tokio::time::timeout(DEADLINE, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 #[tokio::test]
