@@ -6,18 +6,21 @@
 
 pub mod bearer;
 pub mod cache;
+pub mod introspect;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod revocation;
+pub mod rules;
 
 use std::sync::Arc;
 
 use http::HeaderValue;
 
 use crate::clock::unix_now;
-use crate::config::AuthMode;
+use crate::config::{AuthMode, RuleAction, RuleSettings};
 use cache::TokenCache;
+use introspect::Introspector;
 use jwks::IssuerKeys;
 use revocation::Revocations;
 
@@ -35,8 +38,11 @@ pub enum AuthError {
     SessionOver,
     #[error("authorization server unavailable")]
     AuthServerDown,
-    #[error("issuer {issuer}: no keys loaded")]
+    #[error("issuer {issuer}: no keys loaded or introspection unavailable")]
     KeysUnavailable { issuer: String },
+    /// A rule's claims are not met, or a `deny` rule matched.
+    #[error("forbidden by rule {rule}")]
+    Forbidden { rule: usize, token_checked: bool },
 }
 
 impl AuthError {
@@ -49,6 +55,7 @@ impl AuthError {
             AuthError::SessionOver => "session_expired",
             AuthError::AuthServerDown => "auth_server_unavailable",
             AuthError::KeysUnavailable { .. } => "keys_unavailable",
+            AuthError::Forbidden { .. } => "forbidden",
         }
     }
 }
@@ -70,6 +77,7 @@ pub enum InvalidReason {
     Revoked,
     WrongType,
     UnsupportedCritical,
+    Inactive,
 }
 
 impl InvalidReason {
@@ -89,6 +97,7 @@ impl InvalidReason {
             InvalidReason::Revoked => "the token has been revoked",
             InvalidReason::WrongType => "the token is not an access token",
             InvalidReason::UnsupportedCritical => "the token requires an unsupported header extension",
+            InvalidReason::Inactive => "the token is not active",
         }
     }
 }
@@ -127,28 +136,63 @@ impl Claims {
     }
 }
 
-/// An issuer as one configuration sees it: its policy and its (shared) keys.
+/// An issuer as one configuration sees it: its policy, its (shared) keys and,
+/// for opaque tokens, its introspection endpoint.
 pub struct Issuer {
     /// Unique per built configuration, so verified-token cache entries never
     /// outlive the policy (algorithms, `iss`, leeway) they were checked against.
     pub id: usize,
     pub policy: jwt::Policy,
     pub keys: Arc<IssuerKeys>,
+    pub introspection: Option<Arc<Introspector>>,
 }
 
 impl Issuer {
-    pub fn new(policy: jwt::Policy, keys: Arc<IssuerKeys>) -> Self {
+    pub fn new(policy: jwt::Policy, keys: Arc<IssuerKeys>, introspection: Option<Arc<Introspector>>) -> Self {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-        Self { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), policy, keys }
+        Self { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), policy, keys, introspection }
     }
 }
 
 /// What a route demands of a caller.
 pub struct RoutePolicy {
     pub mode: AuthMode,
-    pub issuer: Option<Arc<Issuer>>,
+    /// A JWT goes to the one whose `issuer` is its `iss`; an opaque token to the one that introspects.
+    pub issuers: Vec<Arc<Issuer>>,
     pub audiences: Vec<String>,
     pub scopes: Vec<String>,
+    pub rules: Vec<RuleSettings>,
+    /// A CORS preflight passes without a token.
+    pub cors_preflight: bool,
+}
+
+impl RoutePolicy {
+    /// The first rule matching the request, if any.
+    pub fn rule(&self, method: &http::Method, path: &str) -> Option<&RuleSettings> {
+        rules::decide(&self.rules, method, path)
+    }
+
+    /// Checks `token` (signature and issuer claims, or introspection) against the
+    /// issuer it belongs to among the route's.
+    pub async fn check(&self, token: &str, verifier: &Verifier) -> Result<Arc<Claims>, AuthError> {
+        if !jwt::looks_like_jwt(token) {
+            return match self.issuers.iter().find_map(|i| i.introspection.as_ref()) {
+                Some(introspector) => introspector.introspect(token).await,
+                None => Err(AuthError::Invalid(InvalidReason::Malformed)),
+            };
+        }
+        let issuer = match self.issuers.as_slice() {
+            [] => return Err(AuthError::Missing),
+            // One issuer: no need to read `iss` first (a wrong one is refused by the check).
+            [only] => only,
+            several => {
+                let iss = jwt::peek_issuer(token);
+                let found = several.iter().find(|i| Some(i.policy.issuer.as_str()) == iss.as_deref());
+                found.ok_or(AuthError::Invalid(InvalidReason::WrongIssuer))?
+            }
+        };
+        verifier.verify(token, issuer).await
+    }
 }
 
 /// The credential a request presented.
@@ -188,8 +232,8 @@ pub struct Admitted {
 }
 
 impl Admitted {
-    /// For `auth = "none"` routes, and `optional` routes without a token.
-    fn anonymous() -> Self {
+    /// For `auth = "none"` routes and rules, CORS preflights, and `optional` routes without a token.
+    pub fn anonymous() -> Self {
         Self { verified: None }
     }
 
@@ -248,40 +292,58 @@ impl Verifier {
         Ok(claims)
     }
 
-    /// The per-request checks that are never cached: revocation, audience, scopes.
+    /// The per-request checks that are never cached: revocation, audience, scopes
+    /// (the rule's, when it names them, else the route's) and the rule's claims.
     fn admit(
         &self,
         claims: Arc<Claims>,
         source: TokenSource,
         policy: &RoutePolicy,
+        rule: Option<&RuleSettings>,
     ) -> Result<Admitted, AuthError> {
         if self.revocations.is_revoked(claims.jti.as_deref(), claims.sub.as_deref(), claims.iat) {
             return Err(AuthError::Invalid(InvalidReason::Revoked));
         }
-        jwt::check_route(&claims, &policy.audiences, &policy.scopes)?;
+        let (scopes, conditions) = match rule.map(|r| &r.action) {
+            Some(RuleAction::Require { scopes, claims }) => {
+                (scopes.as_deref().unwrap_or(&policy.scopes), &claims[..])
+            }
+            _ => (&policy.scopes[..], &[][..]),
+        };
+        jwt::check_route(&claims, &policy.audiences, scopes)?;
+        if !rules::claims_match(&claims, conditions) {
+            let rule = rule.map_or(0, |r| r.number);
+            return Err(AuthError::Forbidden { rule, token_checked: true });
+        }
         Ok(Admitted { verified: Some((claims, source)) })
     }
 }
 
-/// Applies the route's policy to the presented credential.
+/// Applies the route's policy, refined by the deciding rule (a `Require` one:
+/// `Deny` and `Public` rules are settled before any credential is looked at), to
+/// the presented credential.
 pub async fn authenticate(
     credential: Credential<'_>,
     policy: &RoutePolicy,
+    rule: Option<&RuleSettings>,
     verifier: &Verifier,
 ) -> Result<Admitted, AuthError> {
     if policy.mode == AuthMode::None {
         return Ok(Admitted::anonymous());
     }
+    // A rule with requirements needs a token even on an `optional` route.
+    let required = policy.mode == AuthMode::Required || rule.is_some();
     match credential {
-        Credential::None if policy.mode == AuthMode::Optional => Ok(Admitted::anonymous()),
+        Credential::None if !required => Ok(Admitted::anonymous()),
         Credential::None => Err(AuthError::Missing),
         Credential::Malformed => Err(AuthError::Invalid(InvalidReason::Malformed)),
         Credential::Header(token) => {
-            let Some(issuer) = &policy.issuer else { return Err(AuthError::Missing) };
-            let claims = verifier.verify(token, issuer).await?;
-            verifier.admit(claims, TokenSource::Header, policy)
+            let claims = policy.check(token, verifier).await?;
+            verifier.admit(claims, TokenSource::Header, policy, rule)
         }
-        Credential::Session { token, claims } => verifier.admit(claims, TokenSource::Cookie(token), policy),
+        Credential::Session { token, claims } => {
+            verifier.admit(claims, TokenSource::Cookie(token), policy, rule)
+        }
     }
 }
 

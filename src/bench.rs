@@ -44,6 +44,7 @@ impl Verify {
             name: "bench".into(),
             issuer: issuer.into(),
             source: KeySource::Static(Arc::new(keys::KeySet::default())),
+            introspection: None,
             algorithms: vec![jsonwebtoken::Algorithm::RS256],
             leeway: Duration::from_secs(30),
             jwks_refresh: Duration::from_secs(300),

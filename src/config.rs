@@ -171,6 +171,11 @@ impl Problems<'_> {
         self.list.is_empty()
     }
 
+    /// The line of `path` in the file.
+    pub fn line(&self, path: &KeyPath) -> Option<usize> {
+        self.locator.line_of(path)
+    }
+
     /// Something legal that an operator probably did not mean.
     pub fn warn(&mut self, path: &KeyPath, message: impl Into<String>) {
         self.warnings.push(ConfigProblem {

@@ -108,8 +108,14 @@ impl ProxyError {
                 ),
                 AuthError::KeysUnavailable { .. } => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "the token issuer's keys are not loaded yet".to_owned(),
+                    "the token issuer's keys are not loaded yet, or it cannot introspect tokens now"
+                        .to_owned(),
                     None,
+                ),
+                AuthError::Forbidden { token_checked, .. } => (
+                    StatusCode::FORBIDDEN,
+                    "this request is not allowed".to_owned(),
+                    token_checked.then(|| "Bearer realm=\"portcullis\"".to_owned()),
                 ),
             },
         };
@@ -182,6 +188,14 @@ mod tests {
         assert_eq!(status_of(AuthError::AuthServerDown).0, 503);
         assert_eq!(status_of(AuthError::KeysUnavailable { issuer: "x".into() }).1, "keys_unavailable");
         assert_eq!(status_of(AuthError::Csrf).0, 403);
+    }
+
+    #[test]
+    fn forbidden_maps_to_403_with_a_challenge_only_after_a_token_check() {
+        let (s, c, w) = status_of(AuthError::Forbidden { rule: 1, token_checked: false });
+        assert_eq!((s, c.as_str(), w), (403, "forbidden", None));
+        let (_, _, w) = status_of(AuthError::Forbidden { rule: 1, token_checked: true });
+        assert_eq!(w.as_deref(), Some("Bearer realm=\"portcullis\""));
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub(crate) mod clock;
 pub mod config;
 pub(crate) mod conn;
 pub(crate) mod error;
+pub mod explain;
 pub(crate) mod fleet;
 pub(crate) mod forward;
 pub(crate) mod metrics;

@@ -38,6 +38,9 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Also say what would happen to this request, e.g. "GET https://api.example.com/orders/42".
+        #[arg(long, value_name = "METHOD URL")]
+        explain: Option<String>,
     },
     /// Print a fresh random cookie key (base64, 32 bytes).
     Keygen,
@@ -66,7 +69,7 @@ fn main() -> ExitCode {
             }
             None => ExitCode::from(1),
         },
-        Command::Check { config } => {
+        Command::Check { config, explain } => {
             let path = config_path(config);
             match portcullis::config::load(&path) {
                 Ok(config) => {
@@ -74,6 +77,15 @@ fn main() -> ExitCode {
                         eprintln!("warning: {w}");
                     }
                     println!("{}: ok", path.display());
+                    if let Some(request) = explain {
+                        match portcullis::explain::explain(&config, &request) {
+                            Ok(text) => print!("{text}"),
+                            Err(e) => {
+                                eprintln!("{e}");
+                                return ExitCode::from(2);
+                            }
+                        }
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

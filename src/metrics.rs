@@ -14,7 +14,7 @@ const BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Auth rejection reasons: the `error` codes of SPEC §4 that rejections carry.
-pub const REJECTION_REASONS: [&str; 7] = [
+pub const REJECTION_REASONS: [&str; 8] = [
     "missing_token",
     "invalid_token",
     "insufficient_scope",
@@ -22,6 +22,7 @@ pub const REJECTION_REASONS: [&str; 7] = [
     "session_expired",
     "auth_server_unavailable",
     "keys_unavailable",
+    "forbidden",
 ];
 
 pub const REFRESH_OUTCOMES: [&str; 5] = ["ok", "rotated", "grace", "invalid_grant", "auth_server_error"];
@@ -74,6 +75,7 @@ pub struct Metrics {
     rejections: [AtomicU64; REJECTION_REASONS.len()],
     refreshes: [AtomicU64; REFRESH_OUTCOMES.len()],
     jwks: DashMap<(String, &'static str), AtomicU64>,
+    introspections: DashMap<(String, &'static str), AtomicU64>,
     pub reloads_ok: AtomicU64,
     pub reloads_error: AtomicU64,
     pub open_connections: AtomicI64,
@@ -100,6 +102,11 @@ impl Metrics {
     pub fn jwks_fetch(&self, issuer: &str, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
         self.jwks.entry((issuer.to_owned(), outcome)).or_default().fetch_add(1, Relaxed);
+    }
+
+    /// `outcome`: `active`, `inactive` or `error`.
+    pub fn introspection(&self, issuer: &str, outcome: &'static str) {
+        self.introspections.entry((issuer.to_owned(), outcome)).or_default().fetch_add(1, Relaxed);
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -175,6 +182,21 @@ impl Metrics {
             writeln!(
                 o,
                 "portcullis_jwks_fetches_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {v}",
+                esc(&issuer)
+            )?;
+        }
+        writeln!(
+            o,
+            "# HELP portcullis_introspections_total RFC 7662 introspection calls, by issuer and outcome."
+        )?;
+        writeln!(o, "# TYPE portcullis_introspections_total counter")?;
+        let mut calls: Vec<_> =
+            self.introspections.iter().map(|e| (e.key().clone(), e.value().load(Relaxed))).collect();
+        calls.sort();
+        for ((issuer, outcome), v) in calls {
+            writeln!(
+                o,
+                "portcullis_introspections_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {v}",
                 esc(&issuer)
             )?;
         }

@@ -108,11 +108,64 @@ pub struct Endpoints {
 /// The parts of `[auth_server]` a grant needs.
 struct AuthSettings {
     endpoints: Arc<ArcSwap<Endpoints>>,
-    client_id: String,
-    client_secret: Option<String>,
-    client_auth: ClientAuth,
+    credentials: ClientCredentials,
     resource: Option<String>,
     timeout: Duration,
+}
+
+/// How the proxy authenticates as a client (RFC 6749 §2.3.1), for grants and
+/// RFC 7662 introspection alike.
+pub struct ClientCredentials {
+    pub client_id: String,
+    pub secret: Option<String>,
+    pub auth: ClientAuth,
+}
+
+impl ClientCredentials {
+    /// A form POST to `url` carrying `pairs` and the client's credentials.
+    pub fn form_post(&self, url: Uri, pairs: &[(&str, &str)]) -> Result<Request<Full<Bytes>>, GrantError> {
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(url)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, "portcullis");
+        if let (ClientAuth::SecretBasic, Some(secret)) = (self.auth, &self.secret) {
+            // Both parts form-urlencoded before base64.
+            let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+            let raw = format!("{}:{}", enc(&self.client_id), enc(secret));
+            let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw));
+            builder = builder.header(header::AUTHORIZATION, value);
+        }
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.extend_pairs(pairs);
+        match (self.auth, &self.secret) {
+            (ClientAuth::SecretBasic, Some(_)) => {}
+            (ClientAuth::SecretPost, Some(secret)) => {
+                form.append_pair("client_id", &self.client_id).append_pair("client_secret", secret);
+            }
+            _ => {
+                form.append_pair("client_id", &self.client_id);
+            }
+        }
+        builder.body(Full::new(Bytes::from(form.finish()))).map_err(GrantError::Build)
+    }
+}
+
+/// Sends `req` and reads the whole answer (at most `max` bytes) within `timeout`.
+pub async fn exchange(
+    client: &HttpsClient<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+    max: usize,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), GrantError> {
+    let exchange = async {
+        let resp = client.request(req).await.map_err(GrantError::Request)?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, max).collect().await.map_err(GrantError::Body)?.to_bytes();
+        Ok((parts.status, parts.headers, body))
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| GrantError::Timeout(timeout))?
 }
 
 impl OAuthClient {
@@ -131,9 +184,11 @@ impl OAuthClient {
             client: outbound_client(s.timeout)?,
             settings: AuthSettings {
                 endpoints,
-                client_id: s.client_id.clone(),
-                client_secret: s.client_secret.as_ref().map(|x| x.expose().clone()),
-                client_auth: s.client_auth,
+                credentials: ClientCredentials {
+                    client_id: s.client_id.clone(),
+                    secret: s.client_secret.as_ref().map(|x| x.expose().clone()),
+                    auth: s.client_auth,
+                },
                 resource: s.resource.clone(),
                 timeout: s.timeout,
             },
@@ -225,40 +280,8 @@ impl OAuthClient {
         Err(GrantError::Status { status, error })
     }
 
-    /// The form body, with client credentials for the modes that send them in it.
-    fn encode_form(&self, pairs: &[(&str, &str)]) -> String {
-        let s = &self.settings;
-        let mut form = form_urlencoded::Serializer::new(String::new());
-        form.extend_pairs(pairs);
-        match (s.client_auth, &s.client_secret) {
-            (ClientAuth::SecretBasic, Some(_)) => {}
-            (ClientAuth::SecretPost, Some(secret)) => {
-                form.append_pair("client_id", &s.client_id).append_pair("client_secret", secret);
-            }
-            _ => {
-                form.append_pair("client_id", &s.client_id);
-            }
-        }
-        form.finish()
-    }
-
     async fn post(&self, url: Uri, pairs: &[(&str, &str)]) -> Result<(StatusCode, Bytes), GrantError> {
-        let s = &self.settings;
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(url)
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, "portcullis");
-        if let (ClientAuth::SecretBasic, Some(secret)) = (s.client_auth, &s.client_secret) {
-            // RFC 6749 §2.3.1: both parts form-urlencoded before base64.
-            let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
-            let raw = format!("{}:{}", enc(&s.client_id), enc(secret));
-            let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw));
-            builder = builder.header(header::AUTHORIZATION, value);
-        }
-        let body = self.encode_form(pairs);
-        let req = builder.body(Full::new(Bytes::from(body))).map_err(GrantError::Build)?;
+        let req = self.settings.credentials.form_post(url, pairs)?;
         let (status, _, body) = self.exchange(req).await?;
         Ok((status, body))
     }
@@ -268,15 +291,7 @@ impl OAuthClient {
         &self,
         req: Request<Full<Bytes>>,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), GrantError> {
-        let timeout = self.settings.timeout;
-        let exchange = async {
-            let resp = self.client.request(req).await.map_err(GrantError::Request)?;
-            let (parts, body) = resp.into_parts();
-            let body =
-                Limited::new(body, MAX_TOKEN_RESPONSE).collect().await.map_err(GrantError::Body)?.to_bytes();
-            Ok((parts.status, parts.headers, body))
-        };
-        tokio::time::timeout(timeout, exchange).await.map_err(|_| GrantError::Timeout(timeout))?
+        exchange(&self.client, req, self.settings.timeout, MAX_TOKEN_RESPONSE).await
     }
 }
 

@@ -16,8 +16,9 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::auth::{self, Claims, Credential};
+use crate::auth::{self, Admitted, AuthError, Claims, Credential};
 use crate::body::Body;
+use crate::config::{AuthMode, RuleAction};
 use crate::conn::Conn;
 use crate::error::ProxyError;
 use crate::forward::identity;
@@ -102,22 +103,42 @@ async fn pipeline(
     // 3. Route by host and path.
     let route = snap.routes.find(target.authority_str(), target.path()).ok_or(ProxyError::NoRoute)?.clone();
     record.route = Some(route.clone());
-    // 4. The credential: the Authorization header, else the session's (maybe refreshed) token.
+    // 4. The rule that decides (token-free outcomes first), then the credential: the
+    //    Authorization header, else the session's (maybe refreshed) token.
     let policy = &route.policy;
-    let mut credential = Credential::from_header(req.headers());
-    if let (Credential::None, Some(cx), true) =
-        (&credential, &session, policy.mode != crate::config::AuthMode::None)
-    {
-        let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
-        let issuer = policy.issuer.as_ref();
-        credential = cx.credential(req.method(), req.headers(), own, issuer, &mut record.set_cookies).await?;
-    }
-    let admitted = auth::authenticate(credential, policy, &rt.verifier).await?;
+    let rule = policy.rule(req.method(), target.path());
+    let admitted = match rule.map(|r| &r.action) {
+        Some(RuleAction::Deny) => {
+            return Err(
+                AuthError::Forbidden { rule: rule.map_or(0, |r| r.number), token_checked: false }.into()
+            )
+        }
+        Some(RuleAction::Public) => Admitted::anonymous(),
+        _ if policy.cors_preflight && is_preflight(&req) => Admitted::anonymous(),
+        _ => {
+            let mut credential = Credential::from_header(req.headers());
+            if let (Credential::None, Some(cx), true) = (&credential, &session, policy.mode != AuthMode::None)
+            {
+                let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
+                credential =
+                    cx.credential(req.method(), req.headers(), own, policy, &mut record.set_cookies).await?;
+            }
+            auth::authenticate(credential, policy, rule, &rt.verifier).await?
+        }
+    };
     record.claims = admitted.claims().cloned();
     // 5. Forward.
     let sent = route.forwarder.send(req, &target, conn, &admitted, &snap.own_cookies).await?;
     record.upstream_time = Some(sent.upstream_time);
     Ok(sent.response)
+}
+
+/// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`,
+/// which browsers send without credentials by design.
+fn is_preflight(req: &Request<Incoming>) -> bool {
+    req.method() == http::Method::OPTIONS
+        && req.headers().contains_key(http::header::ORIGIN)
+        && req.headers().contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 /// Set-Cookie, request id, metrics and the access log: once per request, whatever happened.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use http::header::{HeaderMap, HeaderValue};
 use http::Method;
 
-use crate::auth::{AuthError, Credential, Issuer, Verifier};
+use crate::auth::{AuthError, Credential, RoutePolicy, Verifier};
 use crate::clock::unix_now;
 use crate::config::{AuthServerSettings, SessionSettings};
 use crate::fleet::Fleet;
@@ -48,7 +48,7 @@ pub struct SessionCtx<'a> {
 }
 
 impl SessionCtx<'_> {
-    /// The access token from the session cookies, verified against `issuer`, and
+    /// The access token from the session cookies, checked against the route's issuers, and
     /// refreshed when it has expired, expires within `refresh_ahead`, or is
     /// missing while a refresh cookie is present. `Credential::None` when the
     /// request carries no session at all. Cookie-authenticated requests pass the
@@ -58,7 +58,7 @@ impl SessionCtx<'_> {
         method: &Method,
         headers: &HeaderMap,
         own: csrf::Own<'_>,
-        issuer: Option<&Arc<Issuer>>,
+        policy: &RoutePolicy,
         set_cookies: &mut Vec<HeaderValue>,
     ) -> Result<Credential<'static>, AuthError> {
         let s = &**self.sessions;
@@ -69,18 +69,17 @@ impl SessionCtx<'_> {
             return Ok(Credential::None);
         }
         csrf::check(method, headers, own, &s.settings.allowed_origins).map_err(|_| AuthError::Csrf)?;
-        let Some(issuer) = issuer else { return Err(AuthError::Missing) };
         let now = unix_now();
         let ahead = s.settings.refresh_ahead.as_secs() as i64;
         let mut current = None;
         let mut needs_refresh = access.is_none();
         if let Some(at) = access {
-            match self.verifier.verify(&at, issuer).await {
+            match policy.check(&at, self.verifier).await {
                 Ok(c) => {
                     needs_refresh = refresh.is_some() && c.exp - now <= ahead;
                     current = Some((c, at));
                 }
-                // Our own cookie cannot be forged, so an invalid token in it is stale: refresh.
+                // Our own cookie cannot be forged, so an invalid (or inactive) token in it is stale: refresh.
                 Err(AuthError::Invalid(_)) if refresh.is_some() => needs_refresh = true,
                 Err(e) => return Err(e),
             }
@@ -89,7 +88,7 @@ impl SessionCtx<'_> {
             let Some(rc) = refresh else { return Err(AuthError::Missing) };
             match refresh::renew(&rc, &jar, self.sessions, self.broker, set_cookies).await {
                 Ok(fresh) => {
-                    let claims = self.verifier.verify(&fresh.access_token, issuer).await?;
+                    let claims = policy.check(&fresh.access_token, self.verifier).await?;
                     current = Some((claims, fresh.access_token.clone()));
                 }
                 // An outage must not end the session: a still-valid token carries on.

@@ -56,20 +56,31 @@ pub enum BuildError {
     Fleet(#[source] redis::RedisError),
     #[error("cannot set up the authorization server client")]
     AuthServerTls(#[source] rustls::Error),
+    #[error("issuer {issuer}: cannot set up the introspection client")]
+    IntrospectionTls {
+        issuer: String,
+        #[source]
+        source: rustls::Error,
+    },
 }
 
 impl Snapshot {
     /// Builds one configuration; issuers' keys come from `registry`, so a reload
     /// that keeps an issuer keeps its keys.
     pub fn build(config: Config, registry: &Registry, metrics: &Arc<Metrics>) -> Result<Self, BuildError> {
-        let issuers: HashMap<String, Arc<Issuer>> = config
-            .issuers
-            .iter()
-            .map(|s| {
-                let keys = registry.get(&s.name, &s.source, s.jwks_refresh, metrics);
-                (s.name.clone(), Arc::new(Issuer::new(jwt::Policy::new(s), keys)))
-            })
-            .collect();
+        let mut issuers: HashMap<String, Arc<Issuer>> = HashMap::new();
+        for s in &config.issuers {
+            let keys = registry.get(&s.name, &s.source, s.jwks_refresh, metrics);
+            let introspection = match &s.introspection {
+                Some(i) => Some(
+                    registry
+                        .introspector(&s.name, &s.issuer, i, metrics)
+                        .map_err(|source| BuildError::IntrospectionTls { issuer: s.name.clone(), source })?,
+                ),
+                None => None,
+            };
+            issuers.insert(s.name.clone(), Arc::new(Issuer::new(jwt::Policy::new(s), keys, introspection)));
+        }
         let mut names = HashSet::new();
         let mut entries = Vec::with_capacity(config.routes.len());
         for settings in &config.routes {
@@ -80,9 +91,11 @@ impl Snapshot {
                 .map_err(|source| BuildError::UpstreamTls { route: settings.name.clone(), source })?;
             let policy = RoutePolicy {
                 mode: settings.auth,
-                issuer: settings.issuer.as_ref().and_then(|n| issuers.get(n).cloned()),
+                issuers: settings.issuers.iter().filter_map(|n| issuers.get(n).cloned()).collect(),
                 audiences: settings.audiences.clone(),
                 scopes: settings.scopes.clone(),
+                rules: settings.rules.clone(),
+                cors_preflight: settings.cors_preflight,
             };
             let route = Route {
                 name: settings.name.clone(),

@@ -239,12 +239,37 @@ impl IssuerKeys {
     }
 }
 
-/// Key holders by (issuer name, source), so a reload that keeps an issuer keeps
-/// its keys (and their background refresh) instead of fetching them again.
+/// Key holders by (issuer name, source), and introspection clients by (issuer
+/// name, endpoint, client), so a reload that keeps an issuer keeps its keys (and
+/// their background refresh) and its cached introspection answers.
 #[derive(Default)]
-pub struct Registry(std::sync::Mutex<HashMap<(String, String), Weak<IssuerKeys>>>);
+pub struct Registry {
+    keys: std::sync::Mutex<HashMap<(String, String), Weak<IssuerKeys>>>,
+    introspectors: std::sync::Mutex<HashMap<String, Weak<super::introspect::Introspector>>>,
+}
 
 impl Registry {
+    pub fn introspector(
+        &self,
+        name: &str,
+        issuer: &str,
+        s: &crate::config::IntrospectionSettings,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Arc<super::introspect::Introspector>, rustls::Error> {
+        let key = format!(
+            "{name}\n{issuer}\n{}\n{}\n{:?}\n{:?}\n{:?}",
+            s.url, s.client_id, s.client_auth, s.cache, s.timeout
+        );
+        let mut map = self.introspectors.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+        if let Some(i) = map.get(&key).and_then(Weak::upgrade) {
+            return Ok(i);
+        }
+        let i = super::introspect::Introspector::new(name, issuer, s, metrics.clone())?;
+        map.insert(key, Arc::downgrade(&i));
+        Ok(i)
+    }
+
     pub fn get(
         &self,
         name: &str,
@@ -257,7 +282,7 @@ impl Registry {
             KeySource::JwksUrl(url) => (url.to_string(), Remote::Jwks(url.clone())),
             KeySource::Discover(issuer) => (format!("discover:{issuer}"), Remote::Discover(issuer.clone())),
         };
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, w| w.strong_count() > 0);
         let k = (name.to_owned(), key);
         if let Some(s) = map.get(&k).and_then(Weak::upgrade) {

@@ -159,12 +159,23 @@ fn check_claims(all: Map<String, Value>, policy: &Policy, now: i64) -> Result<Cl
     if iat.is_some_and(|iat| iat > now.saturating_add(policy.leeway)) {
         return Err(InvalidReason::IssuedInFuture);
     }
+    if !matches!(all.get("aud"), None | Some(Value::String(_) | Value::Array(_))) {
+        return Err(InvalidReason::Malformed);
+    }
+    let mut claims = claims_from(all, exp);
+    claims.iat = iat;
+    Ok(claims)
+}
+
+/// The claims the proxy reads, from a verified token's payload (or an active
+/// introspection answer): `sub`, `jti`, `aud`, `scope`/`scp`, `iat`, and the rest.
+pub fn claims_from(all: Map<String, Value>, exp: i64) -> Claims {
     let aud = match all.get("aud") {
-        None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-        Some(_) => return Err(InvalidReason::Malformed),
+        _ => Vec::new(),
     };
+    let iat = all.get("iat").and_then(Value::as_f64).map(|f| f as i64);
     let mut scopes: Vec<String> = Vec::new();
     if let Some(Value::String(s)) = all.get("scope") {
         scopes.extend(s.split_ascii_whitespace().map(str::to_owned));
@@ -174,7 +185,24 @@ fn check_claims(all: Map<String, Value>, policy: &Policy, now: i64) -> Result<Cl
     } else if let Some(Value::String(s)) = all.get("scp") {
         scopes.extend(s.split_ascii_whitespace().map(str::to_owned));
     }
-    Ok(Claims { sub: id_claim(all.get("sub")), jti: id_claim(all.get("jti")), exp, iat, aud, scopes, all })
+    Claims { sub: id_claim(all.get("sub")), jti: id_claim(all.get("jti")), exp, iat, aud, scopes, all }
+}
+
+/// The unverified `iss` of a JWT's payload, to choose among a route's issuers.
+pub fn peek_issuer(token: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Iss {
+        iss: Option<String>,
+    }
+    let payload = token.split('.').nth(1)?;
+    let bytes = B64.decode(payload).ok()?;
+    serde_json::from_slice::<Iss>(&bytes).ok()?.iss
+}
+
+/// Whether `token` has the shape of a JWS (three dot-separated parts); anything
+/// else is an opaque token for introspection.
+pub fn looks_like_jwt(token: &str) -> bool {
+    token.bytes().filter(|b| *b == b'.').count() == 2
 }
 
 /// Route policy: one of the route's audiences, all of its scopes.
@@ -201,6 +229,7 @@ mod tests {
             name: "t".into(),
             issuer: "https://id.test".into(),
             source: crate::config::KeySource::Static(Default::default()),
+            introspection: None,
             algorithms: vec![Algorithm::HS256],
             leeway: std::time::Duration::from_secs(30),
             jwks_refresh: std::time::Duration::from_secs(300),
@@ -380,6 +409,7 @@ mod properties {
             name: "t".into(),
             issuer: "https://id.test".into(),
             source: crate::config::KeySource::Static(Default::default()),
+            introspection: None,
             algorithms: vec![Algorithm::HS256],
             leeway: std::time::Duration::from_secs(30),
             jwks_refresh: std::time::Duration::from_secs(300),

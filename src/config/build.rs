@@ -121,7 +121,11 @@ pub(super) fn build(
         None => None,
     };
     let state = build_state(&mut cx, f.state.unwrap_or_default());
-    let issuer_names: Vec<&str> = f.issuers.iter().map(|i| i.name.as_str()).collect();
+    let issuer_names: Vec<IssuerInfo<'_>> = f
+        .issuers
+        .iter()
+        .map(|i| IssuerInfo { name: i.name.as_str(), introspects: i.introspection.is_some() })
+        .collect();
     let mut routes = Vec::new();
     let mut names = HashSet::new();
     let mut places = HashMap::new();
@@ -282,7 +286,12 @@ fn build_issuer(cx: &mut Ctx<'_, '_>, path: &KeyPath, is: &file::Issuer) -> Opti
     if is.issuer.is_empty() {
         cx.p.add(&path.key("issuer"), "must not be empty: it is the required value of `iss`");
     }
-    let source = if sources.iter().all(|s| !*s) {
+    let introspection =
+        is.introspection.as_ref().and_then(|i| build_introspection(cx, &path.key("introspection"), i));
+    let source = if sources.iter().all(|s| !*s) && is.introspection.is_some() {
+        // Opaque tokens only: no JWT keys to find.
+        KeySource::Static(Arc::new(KeySet::default()))
+    } else if sources.iter().all(|s| !*s) {
         let p = path.key("issuer");
         match is.issuer.parse::<Uri>() {
             Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
@@ -336,13 +345,71 @@ fn build_issuer(cx: &mut Ctx<'_, '_>, path: &KeyPath, is: &file::Issuer) -> Opti
         KeySource::Static(Arc::new(keys::hmac(secret.as_bytes())))
     };
     debug_assert!(!algorithms.iter().any(|a| hmac != KeyFamily::Hmac.accepts(*a)));
+    if is.introspection.is_some() && introspection.is_none() {
+        return None;
+    }
     Some(IssuerSettings {
         name: is.name.clone(),
         issuer: is.issuer.clone(),
         source,
+        introspection,
         algorithms,
         leeway,
         jwks_refresh,
+    })
+}
+
+/// `client_auth` and its secret, as for `[auth_server]` and introspection.
+fn client_auth(
+    cx: &mut Ctx<'_, '_>,
+    path: &KeyPath,
+    mode: Option<&str>,
+    secret_env: Option<&String>,
+) -> (ClientAuth, Option<Secret<String>>) {
+    let secret = secret_env.and_then(|v| cx.env(&path.key("client_secret_env"), v)).map(Secret::new);
+    let auth = match mode {
+        None if secret_env.is_some() => ClientAuth::SecretBasic,
+        None => ClientAuth::None,
+        Some("client_secret_basic") => ClientAuth::SecretBasic,
+        Some("client_secret_post") => ClientAuth::SecretPost,
+        Some("none") => ClientAuth::None,
+        Some(other) => {
+            let msg = format!(
+                "\"{other}\" is not one of \"client_secret_basic\", \"client_secret_post\", \"none\""
+            );
+            cx.p.add(&path.key("client_auth"), msg);
+            ClientAuth::None
+        }
+    };
+    if auth != ClientAuth::None && secret_env.is_none() {
+        cx.p.add(
+            &path.key("client_auth"),
+            "client_secret_basic and client_secret_post need client_secret_env",
+        );
+    }
+    (auth, secret)
+}
+
+fn build_introspection(
+    cx: &mut Ctx<'_, '_>,
+    path: &KeyPath,
+    i: &file::Introspection,
+) -> Option<IntrospectionSettings> {
+    let url = cx.url(&path.key("url"), &i.url);
+    let (client_auth, client_secret) =
+        client_auth(cx, path, i.client_auth.as_deref(), i.client_secret_env.as_ref());
+    if i.client_id.is_empty() {
+        cx.p.add(&path.key("client_id"), "must not be empty");
+    }
+    let cache = cx.duration(&path.key("cache"), &i.cache, Duration::from_secs(60));
+    let timeout = cx.duration(&path.key("timeout"), &i.timeout, Duration::from_secs(5));
+    Some(IntrospectionSettings {
+        url: url?,
+        client_id: i.client_id.clone(),
+        client_secret,
+        client_auth,
+        cache,
+        timeout,
     })
 }
 
@@ -365,28 +432,8 @@ fn build_auth_server(cx: &mut Ctx<'_, '_>, a: file::AuthServer) -> Option<AuthSe
     if let Some(r) = &a.redirect_uri {
         cx.url(&path.key("redirect_uri"), r);
     }
-    let client_secret =
-        a.client_secret_env.as_ref().and_then(|v| cx.env(&path.key("client_secret_env"), v)).map(Secret::new);
-    let client_auth = match a.client_auth.as_deref() {
-        None if a.client_secret_env.is_some() => ClientAuth::SecretBasic,
-        None => ClientAuth::None,
-        Some("client_secret_basic") => ClientAuth::SecretBasic,
-        Some("client_secret_post") => ClientAuth::SecretPost,
-        Some("none") => ClientAuth::None,
-        Some(other) => {
-            let msg = format!(
-                "\"{other}\" is not one of \"client_secret_basic\", \"client_secret_post\", \"none\""
-            );
-            cx.p.add(&path.key("client_auth"), msg);
-            ClientAuth::None
-        }
-    };
-    if client_auth != ClientAuth::None && a.client_secret_env.is_none() {
-        cx.p.add(
-            &path.key("client_auth"),
-            "client_secret_basic and client_secret_post need client_secret_env",
-        );
-    }
+    let (client_auth, client_secret) =
+        client_auth(cx, &path, a.client_auth.as_deref(), a.client_secret_env.as_ref());
     if a.client_id.is_empty() {
         cx.p.add(&path.key("client_id"), "must not be empty");
     }
@@ -568,7 +615,7 @@ fn build_route(
     cx: &mut Ctx<'_, '_>,
     path: &KeyPath,
     r: &file::Route,
-    issuers: &[&str],
+    issuers: &[IssuerInfo<'_>],
 ) -> Option<RouteSettings> {
     let start = cx.p.list.len();
     let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
@@ -617,8 +664,19 @@ fn build_route(
             .unwrap_or_default(),
         None => Vec::new(),
     };
+    let named: Vec<(KeyPath, &String)> = match (&r.issuer, &r.issuers) {
+        (Some(i), None) => vec![(path.key("issuer"), i)],
+        (None, Some(list)) => {
+            list.iter().enumerate().map(|(n, i)| (path.key("issuers").index(n), i)).collect()
+        }
+        (Some(_), Some(_)) => {
+            cx.p.add(&path.key("issuers"), "set either issuer or issuers, not both");
+            vec![]
+        }
+        (None, None) => vec![],
+    };
     let auth = match r.auth.as_deref() {
-        None if r.issuer.is_some() => AuthMode::Required,
+        None if !named.is_empty() => AuthMode::Required,
         None => AuthMode::None,
         Some("required") => AuthMode::Required,
         Some("optional") => AuthMode::Optional,
@@ -631,19 +689,39 @@ fn build_route(
             AuthMode::Required
         }
     };
-    match &r.issuer {
-        Some(name) if !issuers.contains(&name.as_str()) => {
-            let known = if issuers.is_empty() { "none defined".to_owned() } else { issuers.join(", ") };
-            cx.p.add(&path.key("issuer"), format!("unknown issuer \"{name}\" (known: {known})"));
+    for (p, name) in &named {
+        if !issuers.iter().any(|i| i.name == name.as_str()) {
+            let known: Vec<&str> = issuers.iter().map(|i| i.name).collect();
+            let known = if known.is_empty() { "none defined".to_owned() } else { known.join(", ") };
+            cx.p.add(p, format!("unknown issuer \"{name}\" (known: {known})"));
         }
-        None if auth != AuthMode::None => {
-            cx.p.add(
-                &path.key("auth"),
-                "a route that checks tokens needs `issuer` naming one of [[issuers]]",
-            );
-        }
-        _ => {}
     }
+    if named.is_empty() && auth != AuthMode::None {
+        cx.p.add(&path.key("auth"), "a route that checks tokens needs `issuer` naming one of [[issuers]]");
+    }
+    let introspecting: Vec<&str> = named
+        .iter()
+        .filter(|(_, n)| issuers.iter().any(|i| i.name == n.as_str() && i.introspects))
+        .map(|(_, n)| n.as_str())
+        .collect();
+    if introspecting.len() > 1 {
+        cx.p.add(
+            &path.key("issuers"),
+            format!(
+                "at most one issuer per route may introspect opaque tokens ({})",
+                introspecting.join(", ")
+            ),
+        );
+    }
+    let cors_preflight = match r.cors_preflight.as_deref() {
+        None | Some("pass") => true,
+        Some("deny") => false,
+        Some(other) => {
+            cx.p.add(&path.key("cors_preflight"), format!("\"{other}\" is not one of \"pass\", \"deny\""));
+            true
+        }
+    };
+    let rules = build_rules(cx, path, r, &prefix, auth);
     let max_request_body = r
         .max_request_body
         .as_ref()
@@ -688,10 +766,139 @@ fn build_route(
         timeout,
         max_request_body,
         auth,
-        issuer: r.issuer.clone(),
+        issuers: named.iter().map(|(_, n)| (*n).clone()).collect(),
         audiences: r.audiences.clone(),
         scopes: r.scopes.clone(),
         forward_token: r.forward_token.unwrap_or(true),
+        cors_preflight,
         identity_headers,
+        rules,
+        line: cx.p.line(path),
     })
+}
+
+/// What a route needs to know of an issuer.
+pub(super) struct IssuerInfo<'a> {
+    pub name: &'a str,
+    pub introspects: bool,
+}
+
+const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"];
+
+/// Compiles `[[routes.rules]]`, refusing rules that can never match or never decide.
+fn build_rules(
+    cx: &mut Ctx<'_, '_>,
+    path: &KeyPath,
+    r: &file::Route,
+    route_prefix: &str,
+    route_auth: AuthMode,
+) -> Vec<RuleSettings> {
+    let mut out: Vec<RuleSettings> = Vec::new();
+    for (i, rule) in r.rules.iter().enumerate() {
+        let p = path.key("rules").index(i);
+        let start = cx.p.list.len();
+        let mut methods = Vec::new();
+        for (m, name) in rule.methods.iter().enumerate() {
+            let upper = name.to_ascii_uppercase();
+            match METHODS
+                .iter()
+                .find(|k| **k == upper)
+                .and_then(|k| http::Method::from_bytes(k.as_bytes()).ok())
+            {
+                Some(method) => methods.push(method),
+                None => cx.p.add(
+                    &p.key("methods").index(m),
+                    format!(
+                        "unknown method \"{name}\": the rule can never match (known: {})",
+                        METHODS.join(" ")
+                    ),
+                ),
+            }
+        }
+        let prefix = rule.path_prefix.as_ref().map(|raw| {
+            let mut v = raw.clone();
+            while v.len() > 1 && v.ends_with('/') {
+                v.pop();
+            }
+            if !v.starts_with('/') || crate::target::normalise_path(&v).ok().as_deref() != Some(v.as_str()) {
+                cx.p.add(&p.key("path_prefix"), format!("\"{raw}\" must be a normalised path starting with /"));
+            } else if !crate::route::prefix_matches(route_prefix, &v) {
+                cx.p.add(
+                    &p.key("path_prefix"),
+                    format!("\"{raw}\" is outside the route's path_prefix \"{route_prefix}\": the rule can never match"),
+                );
+            }
+            v
+        });
+        let mut claims = Vec::new();
+        for (name, value) in &rule.claims {
+            let json = match value {
+                toml::Value::String(s) => serde_json::Value::from(s.clone()),
+                toml::Value::Integer(n) => serde_json::Value::from(*n),
+                toml::Value::Boolean(b) => serde_json::Value::from(*b),
+                toml::Value::Float(f) => serde_json::Value::from(*f),
+                _ => {
+                    cx.p.add(
+                        &p.key("claims").key(name),
+                        "write a string, number or boolean the claim must equal (or contain)",
+                    );
+                    continue;
+                }
+            };
+            claims.push(ClaimMatch { path: name.split('.').map(str::to_owned).collect(), value: json });
+        }
+        let requires = rule.scopes.is_some() || !rule.claims.is_empty();
+        let action = match (rule.deny, rule.auth.as_deref()) {
+            (true, None) if !requires => RuleAction::Deny,
+            (true, _) => {
+                cx.p.add(
+                    &p.key("deny"),
+                    "a deny rule refuses every request it matches: it takes no auth, scopes or claims",
+                );
+                RuleAction::Deny
+            }
+            (false, Some("none")) if !requires => RuleAction::Public,
+            (false, Some("none")) => {
+                cx.p.add(
+                    &p.key("auth"),
+                    "a rule with auth = \"none\" checks no token: it takes no scopes or claims",
+                );
+                RuleAction::Public
+            }
+            (false, Some(other)) => {
+                cx.p.add(&p.key("auth"), format!("\"{other}\": a rule's auth can only be \"none\""));
+                RuleAction::Public
+            }
+            (false, None) => {
+                if route_auth == AuthMode::None {
+                    cx.p.add(
+                        &p,
+                        "this rule requires a token, but the route checks none: give the route an issuer",
+                    );
+                }
+                RuleAction::Require { scopes: rule.scopes.clone(), claims }
+            }
+        };
+        let setting =
+            RuleSettings { methods, path_prefix: prefix, action, number: i + 1, line: cx.p.line(&p) };
+        if cx.p.list.len() == start {
+            // Shadowed: an earlier rule matches every request this one would.
+            let covered = out.iter().find(|e| {
+                let methods = e.methods.is_empty()
+                    || (!setting.methods.is_empty() && setting.methods.iter().all(|m| e.methods.contains(m)));
+                let within = match (&e.path_prefix, &setting.path_prefix) {
+                    (None, _) => true,
+                    (Some(ep), Some(sp)) => crate::route::prefix_matches(ep, sp),
+                    (Some(ep), None) => crate::route::prefix_matches(ep, route_prefix),
+                };
+                methods && within
+            });
+            if let Some(e) = covered {
+                let at = e.line.map(|l| format!(" (line {l})")).unwrap_or_default();
+                cx.p.add(&p, format!("rule {} is shadowed by rule {}{at}, which matches every request it would: it can never decide", i + 1, e.number));
+            }
+        }
+        out.push(setting);
+    }
+    out
 }

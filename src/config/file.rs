@@ -67,9 +67,24 @@ pub struct Issuer {
     pub hmac_secret_env: Option<String>,
     pub algorithms: Option<Vec<String>>,
     pub leeway: Option<String>,
-    /// Background JWKS refresh interval (default 5m); also the minimum spacing of
-    /// unknown-`kid` refetches.
+    /// Background JWKS refresh interval (default 5m); `jwks_refresh`/10 (1–5 s) is
+    /// the spacing of unknown-`kid` refetches.
     pub jwks_refresh: Option<String>,
+    /// RFC 7662 introspection for opaque (non-JWT) access tokens of this issuer.
+    pub introspection: Option<Introspection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Introspection {
+    pub url: String,
+    pub client_id: String,
+    pub client_secret_env: Option<String>,
+    pub client_auth: Option<String>,
+    /// How long an active answer is reused (never past the token's `exp`); default 60s.
+    pub cache: Option<String>,
+    /// Time allowed for the introspection call; default 5s.
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,10 +150,28 @@ pub struct Route {
     pub max_request_body: Option<String>,
     pub auth: Option<String>,
     pub issuer: Option<String>,
+    pub issuers: Option<Vec<String>>,
     #[serde(default)]
     pub audiences: Vec<String>,
     #[serde(default)]
     pub scopes: Vec<String>,
     pub forward_token: Option<bool>,
+    pub cors_preflight: Option<String>,
     pub identity_headers: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub path_prefix: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    #[serde(default)]
+    pub claims: BTreeMap<String, toml::Value>,
+    pub auth: Option<String>,
+    #[serde(default)]
+    pub deny: bool,
 }

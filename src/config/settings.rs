@@ -68,10 +68,22 @@ pub enum KeySource {
     Static(Arc<KeySet>),
 }
 
+/// An issuer's opaque tokens are checked by RFC 7662 introspection.
+pub struct IntrospectionSettings {
+    pub url: Uri,
+    pub client_id: String,
+    pub client_secret: Option<Secret<String>>,
+    pub client_auth: ClientAuth,
+    pub cache: Duration,
+    pub timeout: Duration,
+}
+
 pub struct IssuerSettings {
     pub name: String,
     pub issuer: String,
+    /// Where JWT keys come from; an issuer with only `introspection` has none to use.
     pub source: KeySource,
+    pub introspection: Option<IntrospectionSettings>,
     pub algorithms: Vec<Algorithm>,
     pub leeway: Duration,
     pub jwks_refresh: Duration,
@@ -156,11 +168,49 @@ pub struct RouteSettings {
     pub timeout: Duration,
     pub max_request_body: Option<u64>,
     pub auth: AuthMode,
-    pub issuer: Option<String>,
+    /// The issuers whose tokens the route accepts (`issuer` or `issuers`).
+    pub issuers: Vec<String>,
     pub audiences: Vec<String>,
     pub scopes: Vec<String>,
     pub forward_token: bool,
+    /// A CORS preflight passes upstream without a token.
+    pub cors_preflight: bool,
     pub identity_headers: Vec<(HeaderName, String)>,
+    pub rules: Vec<RuleSettings>,
+    /// The `[[routes]]` table's line, for `check --explain`.
+    pub line: Option<usize>,
+}
+
+/// What a matching rule decides.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuleAction {
+    /// `deny = true`: 403 forbidden, token or not.
+    Deny,
+    /// `auth = "none"`: no token needed.
+    Public,
+    /// A valid token for the route, with these scopes (replacing the route's, when
+    /// given) and claims.
+    Require { scopes: Option<Vec<String>>, claims: Vec<ClaimMatch> },
+}
+
+/// `claim = value`: the claim (a dotted path into nested objects) equals the
+/// value or, when it is an array, contains it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimMatch {
+    pub path: Vec<String>,
+    pub value: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuleSettings {
+    /// Empty: any method.
+    pub methods: Vec<http::Method>,
+    /// Normalised, without a trailing `/`; `None`: the whole route.
+    pub path_prefix: Option<String>,
+    pub action: RuleAction,
+    /// Numbered from 1 in the route, as `--explain` prints it.
+    pub number: usize,
+    pub line: Option<usize>,
 }
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
