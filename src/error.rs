@@ -18,6 +18,8 @@ pub enum ProxyError {
     Forward(#[from] ForwardError),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error(transparent)]
+    RateLimited(#[from] crate::ratelimit::Limited),
 }
 
 impl From<EndpointError> for ProxyError {
@@ -35,6 +37,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::RateLimited(_) => "rate_limited",
             ProxyError::Auth(e) => e.code(),
             ProxyError::Forward(e) => match e {
                 ForwardError::Connect { .. } | ForwardError::Upstream { .. } => "bad_gateway",
@@ -51,6 +54,9 @@ impl ProxyError {
                 (StatusCode::NOT_FOUND, "no route matches this host and path".to_owned(), None)
             }
             ProxyError::BadRequest(m) => (StatusCode::BAD_REQUEST, (*m).to_owned(), None),
+            ProxyError::RateLimited(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "too many requests; retry later".to_owned(), None)
+            }
             ProxyError::Forward(e) => match e {
                 ForwardError::Connect { .. } => {
                     (StatusCode::BAD_GATEWAY, "the upstream refused the connection".to_owned(), None)
@@ -126,6 +132,10 @@ impl ProxyError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
+        if let ProxyError::RateLimited(l) = &self {
+            let secs = l.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp
     }
 }
@@ -141,6 +151,18 @@ mod tests {
         let r = e.into_response();
         let www = r.headers().get(header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_owned());
         (r.status().as_u16(), code, www)
+    }
+
+    #[test]
+    fn rate_limited_maps_to_429_with_retry_after() {
+        let e = ProxyError::RateLimited(crate::ratelimit::Limited {
+            limit: "l".into(),
+            retry_after: std::time::Duration::from_millis(1500),
+        });
+        assert_eq!(e.code(), "rate_limited");
+        let r = e.into_response();
+        assert_eq!(r.status().as_u16(), 429);
+        assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "2");
     }
 
     #[test]

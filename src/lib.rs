@@ -37,6 +37,7 @@ pub(crate) mod forward;
 pub(crate) mod metrics;
 pub(crate) mod oauth;
 pub(crate) mod proxy;
+pub(crate) mod ratelimit;
 pub mod reload;
 pub(crate) mod route;
 pub mod run;

@@ -76,6 +76,7 @@ pub struct Metrics {
     refreshes: [AtomicU64; REFRESH_OUTCOMES.len()],
     jwks: DashMap<(String, &'static str), AtomicU64>,
     introspections: DashMap<(String, &'static str), AtomicU64>,
+    rate_limited: DashMap<String, AtomicU64>,
     pub reloads_ok: AtomicU64,
     pub reloads_error: AtomicU64,
     pub open_connections: AtomicI64,
@@ -102,6 +103,14 @@ impl Metrics {
     pub fn jwks_fetch(&self, issuer: &str, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
         self.jwks.entry((issuer.to_owned(), outcome)).or_default().fetch_add(1, Relaxed);
+    }
+
+    pub fn rate_limited(&self, limit: &str) {
+        if let Some(c) = self.rate_limited.get(limit) {
+            c.fetch_add(1, Relaxed);
+            return;
+        }
+        self.rate_limited.entry(limit.to_owned()).or_default().fetch_add(1, Relaxed);
     }
 
     /// `outcome`: `active`, `inactive` or `error`.
@@ -199,6 +208,14 @@ impl Metrics {
                 "portcullis_introspections_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {v}",
                 esc(&issuer)
             )?;
+        }
+        writeln!(o, "# HELP portcullis_rate_limited_total Requests refused by a rate limit, by limit.")?;
+        writeln!(o, "# TYPE portcullis_rate_limited_total counter")?;
+        let mut limited: Vec<_> =
+            self.rate_limited.iter().map(|e| (e.key().clone(), e.value().load(Relaxed))).collect();
+        limited.sort();
+        for (limit, v) in limited {
+            writeln!(o, "portcullis_rate_limited_total{{limit=\"{}\"}} {v}", esc(&limit))?;
         }
         writeln!(o, "# HELP portcullis_config_reloads_total Configuration reloads, by outcome.")?;
         writeln!(o, "# TYPE portcullis_config_reloads_total counter")?;

@@ -66,8 +66,10 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(e) => {
             record.error = Some(e.code());
-            if let ProxyError::Auth(a) = &e {
-                rt.metrics.rejection(a.code());
+            match &e {
+                ProxyError::Auth(a) => rt.metrics.rejection(a.code()),
+                ProxyError::RateLimited(l) => rt.metrics.rate_limited(&l.limit),
+                _ => {}
             }
             log_error(&e, record.route_name());
             e.into_response()
@@ -93,16 +95,23 @@ async fn pipeline(
         broker: &rt.broker,
         fleet: &rt.fleet,
     });
-    // 2. The session endpoints answer themselves.
+    // 2. The session endpoints answer themselves (login and callback after their limits).
     if let Some(cx) = &session {
         if let Some(ep) = endpoints::which(cx.sessions, target.path()) {
             record.endpoint = true;
+            let login = matches!(ep, endpoints::Endpoint::Login | endpoints::Endpoint::Callback);
+            if login && !snap.rate_limits.is_empty() {
+                snap.rate_limits.before_auth(None, true, conn.peer.ip(), req.headers())?;
+            }
             return Ok(endpoints::serve(ep, req, conn, &target, cx, &mut record.set_cookies).await?);
         }
     }
     // 3. Route by host and path.
     let route = snap.routes.find(target.authority_str(), target.path()).ok_or(ProxyError::NoRoute)?.clone();
     record.route = Some(route.clone());
+    if !snap.rate_limits.is_empty() {
+        snap.rate_limits.before_auth(Some(&route.name), false, conn.peer.ip(), req.headers())?;
+    }
     // 4. The rule that decides (token-free outcomes first), then the credential: the
     //    Authorization header, else the session's (maybe refreshed) token.
     let policy = &route.policy;
@@ -127,6 +136,9 @@ async fn pipeline(
         }
     };
     record.claims = admitted.claims().cloned();
+    if !snap.rate_limits.is_empty() {
+        snap.rate_limits.after_auth(&route.name, admitted.claims().map(|c| &**c))?;
+    }
     // 5. Forward.
     let sent = route.forwarder.send(req, &target, conn, &admitted, &snap.own_cookies).await?;
     record.upstream_time = Some(sent.upstream_time);
@@ -193,6 +205,9 @@ fn log_error(e: &ProxyError, route: &str) {
         ProxyError::NoRoute => tracing::debug!("no route"),
         ProxyError::BadRequest(m) => {
             tracing::info!(route, reason = "bad_request", detail = m, "request rejected")
+        }
+        ProxyError::RateLimited(l) => {
+            tracing::info!(route, reason = "rate_limited", limit = %l.limit, "request rejected")
         }
     }
 }

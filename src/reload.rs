@@ -31,7 +31,7 @@ pub fn reload(rt: &Runtime, path: &Path) -> Result<(), ReloadError> {
         for w in &config.warnings {
             tracing::warn!(problem = %w, "configuration warning");
         }
-        Ok(Snapshot::build(config, &rt.registry, &rt.metrics)?)
+        Ok(Snapshot::build(config, &rt.registry, &rt.limit_registry, &rt.metrics)?)
     });
     match result {
         Ok(snap) => {

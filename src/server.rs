@@ -168,7 +168,13 @@ impl Server {
             )))
         });
         shutdown.await;
+        // /readyz answers 503 from now; keep serving until balancers have noticed.
         self.runtime.draining.store(true, Ordering::SeqCst);
+        let delay = self.runtime.current.load().limits.drain_delay;
+        if !delay.is_zero() {
+            tracing::info!(drain_delay = ?delay, "shutting down: not ready; still accepting for drain_delay");
+            tokio::time::sleep(delay).await;
+        }
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         proxy.stop();
         let drain = self.runtime.current.load().limits.drain_timeout;
@@ -335,6 +341,7 @@ async fn sweep(runtime: std::sync::Weak<Runtime>) {
         tokio::time::sleep(Duration::from_secs(30)).await;
         let Some(rt) = runtime.upgrade() else { return };
         rt.verifier.revocations.sweep(unix_now());
+        rt.current.load().rate_limits.sweep();
     }
 }
 

@@ -17,6 +17,7 @@ use crate::config::{Config, Limits, Listen};
 use crate::fleet::Fleet;
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::ratelimit::RateLimits;
 use crate::route::RouteTable;
 use crate::session::refresh::RefreshBroker;
 use crate::session::Sessions;
@@ -38,6 +39,7 @@ pub struct Snapshot {
     pub sessions: Option<Arc<Sessions>>,
     /// The session cookies' names, never sent upstream (empty without `[session]`).
     pub own_cookies: Vec<String>,
+    pub rate_limits: RateLimits,
     pub limits: Limits,
     pub listen: Listen,
 }
@@ -67,7 +69,12 @@ pub enum BuildError {
 impl Snapshot {
     /// Builds one configuration; issuers' keys come from `registry`, so a reload
     /// that keeps an issuer keeps its keys.
-    pub fn build(config: Config, registry: &Registry, metrics: &Arc<Metrics>) -> Result<Self, BuildError> {
+    pub fn build(
+        config: Config,
+        registry: &Registry,
+        limits: &crate::ratelimit::Registry,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, BuildError> {
         let mut issuers: HashMap<String, Arc<Issuer>> = HashMap::new();
         for s in &config.issuers {
             let keys = registry.get(&s.name, &s.source, s.jwks_refresh, metrics);
@@ -123,6 +130,7 @@ impl Snapshot {
             issuers,
             tls,
             own_cookies: sessions.as_ref().map(|s| s.cookies.names()).unwrap_or_default(),
+            rate_limits: limits.build(&config.rate_limits),
             sessions,
             limits: config.limits,
             listen: config.listen,
@@ -139,6 +147,7 @@ pub struct Runtime {
     pub(crate) broker: Arc<RefreshBroker>,
     pub(crate) fleet: Arc<Fleet>,
     pub(crate) registry: Registry,
+    pub(crate) limit_registry: crate::ratelimit::Registry,
 }
 
 impl Runtime {
@@ -154,7 +163,8 @@ impl Runtime {
         );
         let verifier = Verifier::new(config.limits.token_cache_entries, revocations);
         let registry = Registry::default();
-        let snapshot = Snapshot::build(config, &registry, &metrics)?;
+        let limit_registry = crate::ratelimit::Registry::default();
+        let snapshot = Snapshot::build(config, &registry, &limit_registry, &metrics)?;
         let runtime = Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
@@ -163,6 +173,7 @@ impl Runtime {
             verifier,
             fleet,
             registry,
+            limit_registry,
         });
         runtime.fleet.start();
         Ok(runtime)

@@ -158,10 +158,23 @@ pub(super) fn build(
             }
         }
     }
+    let route_names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+    let rate_limits = build_rate_limits(&mut cx, &f.rate_limits, &route_names, session.is_some());
     if !cx.p.is_empty() {
         return None;
     }
-    Some(Config { listen, limits, tls, issuers, auth_server, session, state, routes, warnings: Vec::new() })
+    Some(Config {
+        listen,
+        limits,
+        tls,
+        issuers,
+        auth_server,
+        session,
+        state,
+        rate_limits,
+        routes,
+        warnings: Vec::new(),
+    })
 }
 
 fn build_listen(cx: &mut Ctx<'_, '_>, l: file::Listen, has_tls: bool) -> Listen {
@@ -220,6 +233,7 @@ fn build_limits(cx: &mut Ctx<'_, '_>, l: file::Limits) -> Limits {
             d.header_read_timeout,
         ),
         drain_timeout: cx.duration(&path.key("drain_timeout"), &l.drain_timeout, d.drain_timeout),
+        drain_delay: cx.duration(&path.key("drain_delay"), &l.drain_delay, d.drain_delay),
     }
 }
 
@@ -775,6 +789,98 @@ fn build_route(
         rules,
         line: cx.p.line(path),
     })
+}
+
+fn build_rate_limits(
+    cx: &mut Ctx<'_, '_>,
+    limits: &[file::RateLimit],
+    routes: &[&str],
+    has_session: bool,
+) -> Vec<RateLimitSettings> {
+    let mut out = Vec::new();
+    let mut names = HashSet::new();
+    for (i, l) in limits.iter().enumerate() {
+        let p = KeyPath::root().key("rate_limits").index(i);
+        if !names.insert(l.name.as_str()) {
+            cx.p.add(&p.key("name"), format!("rate limit name \"{}\" is used twice", l.name));
+        }
+        let key = match l.key.as_str() {
+            "sub" => Some(LimitKey::Sub),
+            "client_ip" => Some(LimitKey::ClientIp),
+            k => match (k.strip_prefix("claim:"), k.strip_prefix("header:")) {
+                (Some(c), _) if !c.is_empty() => Some(LimitKey::Claim(c.to_owned())),
+                (_, Some(h)) => HeaderName::from_bytes(h.as_bytes()).ok().map(LimitKey::Header),
+                _ => None,
+            },
+        };
+        let Some(key) = key else {
+            cx.p.add(
+                &p.key("key"),
+                format!(
+                    "\"{}\" is not one of \"sub\", \"client_ip\", \"claim:NAME\", \"header:NAME\"",
+                    l.key
+                ),
+            );
+            continue;
+        };
+        let rate = l.rate.split_once('/').and_then(|(n, unit)| {
+            let n: u32 = n.trim().parse().ok().filter(|n| *n > 0)?;
+            let per = match unit.trim() {
+                "s" => Duration::from_secs(1),
+                "m" => Duration::from_secs(60),
+                "h" => Duration::from_secs(3600),
+                _ => return None,
+            };
+            Some((n, per))
+        });
+        let Some((n, per)) = rate else {
+            cx.p.add(
+                &p.key("rate"),
+                format!("\"{}\" is not a rate; write N/s, N/m or N/h, e.g. \"100/s\"", l.rate),
+            );
+            continue;
+        };
+        let per_second = f64::from(n) / per.as_secs_f64();
+        let burst = match l.burst {
+            Some(0) => {
+                cx.p.add(&p.key("burst"), "must be at least 1");
+                1
+            }
+            Some(b) => u32::try_from(b).unwrap_or(u32::MAX),
+            None => per_second.ceil().max(1.0) as u32,
+        };
+        if let Some(list) = &l.routes {
+            for (j, r) in list.iter().enumerate() {
+                if r == "@login" {
+                    if !has_session {
+                        cx.p.add(
+                            &p.key("routes").index(j),
+                            "\"@login\" needs a [session] table (its login and callback paths)",
+                        );
+                    }
+                } else if !routes.contains(&r.as_str()) {
+                    cx.p.add(
+                        &p.key("routes").index(j),
+                        format!("unknown route \"{r}\" (known: {}, @login)", routes.join(", ")),
+                    );
+                }
+            }
+            if matches!(key, LimitKey::Sub | LimitKey::Claim(_)) && list.iter().all(|r| r == "@login") {
+                cx.p.add(
+                    &p.key("key"),
+                    "the login endpoints carry no token: key @login limits by client_ip or header:NAME",
+                );
+            }
+        }
+        out.push(RateLimitSettings {
+            name: l.name.clone(),
+            key,
+            period: per / n,
+            burst: std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN),
+            routes: l.routes.clone(),
+        });
+    }
+    out
 }
 
 /// What a route needs to know of an issuer.

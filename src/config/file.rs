@@ -18,7 +18,19 @@ pub struct File {
     pub session: Option<Session>,
     pub state: Option<State>,
     #[serde(default)]
+    pub rate_limits: Vec<RateLimit>,
+    #[serde(default)]
     pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub name: String,
+    pub key: String,
+    pub rate: String,
+    pub burst: Option<u64>,
+    pub routes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -36,6 +48,7 @@ pub struct Limits {
     pub header_read_timeout: Option<String>,
     pub max_header_bytes: Option<u64>,
     pub drain_timeout: Option<String>,
+    pub drain_delay: Option<String>,
     pub token_cache_entries: Option<u64>,
 }
 

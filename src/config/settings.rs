@@ -23,6 +23,7 @@ pub struct Config {
     pub auth_server: Option<AuthServerSettings>,
     pub session: Option<SessionSettings>,
     pub state: StateSettings,
+    pub rate_limits: Vec<RateLimitSettings>,
     pub routes: Vec<RouteSettings>,
     /// Legal but probably unintended settings, as `file:line: key: message` lines.
     pub warnings: Vec<String>,
@@ -41,6 +42,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long to keep accepting (with `/readyz` 503) before draining.
+    pub drain_delay: Duration,
     pub token_cache_entries: usize,
 }
 
@@ -51,6 +54,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 65_536,
             drain_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             token_cache_entries: 100_000,
         }
     }
@@ -148,6 +152,26 @@ pub struct RedisSettings {
     pub url: String,
     pub password: Option<Secret<String>>,
     pub key_prefix: String,
+}
+
+/// What a rate limit's buckets are keyed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitKey {
+    Sub,
+    ClientIp,
+    Claim(String),
+    Header(HeaderName),
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    pub name: String,
+    pub key: LimitKey,
+    /// One token back every `period`.
+    pub period: Duration,
+    pub burst: std::num::NonZeroU32,
+    /// Route names (and `@login`); `None`: every route.
+    pub routes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,6 +25,7 @@ mod jwt_attacks;
 mod login;
 mod logs_have_no_secrets;
 mod operations;
+mod rate_limits;
 mod refresh;
 mod refresh_storm;
 mod reload;

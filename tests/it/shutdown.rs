@@ -125,3 +125,33 @@ async fn admin_listener_reports_health_and_readiness() {
     assert!(up.seen().is_empty());
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn drain_delay_keeps_accepting_while_readyz_says_503() {
+    let up = Upstream::start().await;
+    let toml = format!(
+        "[limits]\ndrain_timeout = \"5s\"\ndrain_delay = \"2s\"\n\n[[routes]]\nname = \"api\"\nupstream = \"{}\"\n",
+        up.url()
+    );
+    let mut proxy = ProxyProcess::start(&toml).await;
+    proxy.signal("TERM");
+    // At once: not ready, so a balancer's health check takes the instance out…
+    eventually("readyz answers 503 after SIGTERM", DEADLINE, || async {
+        try_send(get(format!("{}/readyz", proxy.admin_url()))).await.is_ok_and(|r| r.status == 503)
+    })
+    .await;
+    let noticed = Instant::now();
+    // …while new connections are still accepted and served during drain_delay.
+    let reply = get(proxy.url("/during-delay")).send().await;
+    assert_eq!(reply.echo().path, "/during-delay");
+    assert!(
+        noticed.elapsed() < Duration::from_millis(1500),
+        "the check itself took too long to prove anything"
+    );
+    eventually("the proxy refuses new connections after drain_delay", DEADLINE, || {
+        refuses_connections(proxy.http)
+    })
+    .await;
+    assert!(noticed.elapsed() >= Duration::from_millis(1000), "stopped accepting before drain_delay");
+    assert_eq!(proxy.wait_exit(DEADLINE).await.code(), Some(0), "log:\n{}", proxy.log());
+}

@@ -140,6 +140,8 @@ pub struct TestIdp {
     pub jwks_fetches: Arc<AtomicUsize>,
     pub token_calls: Arc<AtomicUsize>,
     pub revocations: Arc<AtomicUsize>,
+    /// Calls of the passthrough login endpoint.
+    pub login_calls: Arc<AtomicUsize>,
     /// Connections accepted, on any path.
     pub connections: Arc<AtomicUsize>,
     counter: Arc<AtomicUsize>,
@@ -185,6 +187,7 @@ impl TestIdp {
             jwks_fetches: Arc::new(AtomicUsize::new(0)),
             token_calls: Arc::new(AtomicUsize::new(0)),
             revocations: Arc::new(AtomicUsize::new(0)),
+            login_calls: Arc::new(AtomicUsize::new(0)),
             connections: Arc::new(AtomicUsize::new(0)),
             counter: Arc::new(AtomicUsize::new(0)),
         };
@@ -218,6 +221,7 @@ impl TestIdp {
             jwks_fetches: handles.jwks_fetches,
             token_calls: handles.token_calls,
             revocations: handles.revocations,
+            login_calls: handles.login_calls,
             connections: handles.connections,
             counter: handles.counter,
             task,
@@ -237,6 +241,7 @@ impl TestIdp {
             jwks_fetches: self.jwks_fetches.clone(),
             token_calls: self.token_calls.clone(),
             revocations: self.revocations.clone(),
+            login_calls: self.login_calls.clone(),
             connections: self.connections.clone(),
             counter: self.counter.clone(),
         }
@@ -349,6 +354,7 @@ struct Handles {
     jwks_fetches: Arc<AtomicUsize>,
     token_calls: Arc<AtomicUsize>,
     revocations: Arc<AtomicUsize>,
+    login_calls: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
     counter: Arc<AtomicUsize>,
 }
@@ -497,6 +503,7 @@ impl Handles {
                 r
             }
             "/login" => {
+                self.login_calls.fetch_add(1, Ordering::SeqCst);
                 let creds: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 if creds["password"] != "correct horse" {
                     return json_resp(StatusCode::UNAUTHORIZED, &json!({"error": "bad credentials"}));
