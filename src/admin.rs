@@ -82,12 +82,6 @@ async fn post_revocation(req: Request<Incoming>, rt: &Runtime) -> Response<Body>
         return error_body(StatusCode::BAD_REQUEST, "bad_request", m);
     }
     rt.fleet.revoke(&entry).await;
-    tracing::info!(
-        kind = match entry {
-            Revocation::Jti { .. } => "jti",
-            Revocation::Sub { .. } => "sub",
-        },
-        "revocation added"
-    );
+    tracing::info!(kind = entry.key().0, "revocation added");
     json_response(StatusCode::CREATED, &serde_json::to_value(&entry).unwrap_or_default())
 }

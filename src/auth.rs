@@ -204,7 +204,7 @@ pub enum Credential<'a> {
     /// `Authorization: Bearer <token>`, not yet verified.
     Header(&'a str),
     /// The session's access token, already verified against the route's issuer.
-    Session { token: String, claims: Arc<Claims> },
+    Session { token: String, claims: Arc<Claims>, session: SessionBinding },
 }
 
 impl<'a> Credential<'a> {
@@ -222,7 +222,19 @@ impl<'a> Credential<'a> {
 /// client sent it, a cookie token is written as `Authorization` when asked.
 pub enum TokenSource {
     Header,
-    Cookie(String),
+    Cookie(String, SessionBinding),
+}
+
+/// The browser session a cookie token belongs to, as what ends it sees it.
+#[derive(Debug, Clone, Default)]
+pub struct SessionBinding {
+    /// This proxy's session id.
+    pub id: String,
+    pub sub: Option<String>,
+    pub sid: Option<String>,
+    pub login: i64,
+    /// `absolute_timeout` from the login.
+    pub ends_at: i64,
 }
 
 /// Proof that the route's policy was applied: `forward::send` takes one, so no
@@ -301,7 +313,14 @@ impl Verifier {
         policy: &RoutePolicy,
         rule: Option<&RuleSettings>,
     ) -> Result<Admitted, AuthError> {
-        if self.revocations.is_revoked(claims.jti.as_deref(), claims.sub.as_deref(), claims.iat) {
+        let subject = revocation::Subject {
+            jti: claims.jti.as_deref(),
+            sub: claims.sub.as_deref(),
+            sid: claims.all.get("sid").and_then(serde_json::Value::as_str),
+            since: claims.iat,
+            session: None,
+        };
+        if self.revocations.denies(&subject) {
             return Err(AuthError::Invalid(InvalidReason::Revoked));
         }
         let (scopes, conditions) = match rule.map(|r| &r.action) {
@@ -341,8 +360,8 @@ pub async fn authenticate(
             let claims = policy.check(token, verifier).await?;
             verifier.admit(claims, TokenSource::Header, policy, rule)
         }
-        Credential::Session { token, claims } => {
-            verifier.admit(claims, TokenSource::Cookie(token), policy, rule)
+        Credential::Session { token, claims, session } => {
+            verifier.admit(claims, TokenSource::Cookie(token, session), policy, rule)
         }
     }
 }

@@ -4,11 +4,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use hyper::upgrade::OnUpgrade;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use tokio::time::Instant;
 
+#[allow(clippy::type_complexity)]
 pub struct Conn {
     pub peer: SocketAddr,
     pub tls: bool,
@@ -17,10 +18,17 @@ pub struct Conn {
     /// Requests whose answer is not yet produced.
     in_flight: AtomicUsize,
     opened: Instant,
-    /// The upstream side of a `101` answer, for the connection to splice once the
-    /// answer is written (HTTP/1.1 upgrades are completed by the connection).
-    upgrade: Mutex<Option<OnUpgrade>>,
+    /// What to do with the client's connection once a `101` answer is written
+    /// (HTTP/1.1 upgrades are completed by the connection).
+    upgrade: Mutex<Option<Splice>>,
 }
+
+/// A connection's byte stream, whatever its transport.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Takes the client's side of an upgraded connection.
+pub type Splice = Box<dyn FnOnce(Box<dyn Io>) + Send>;
 
 /// Counts a request as in flight until dropped.
 pub struct InFlight<'a>(&'a Conn);
@@ -61,12 +69,12 @@ impl Conn {
         }
     }
 
-    /// Hands the upstream's upgraded connection to this connection.
-    pub fn offer_upgrade(&self, upstream: OnUpgrade) {
-        *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(upstream);
+    /// What the connection hands its client side to after the `101`.
+    pub fn offer_upgrade(&self, splice: Splice) {
+        *self.upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(splice);
     }
 
-    pub fn take_upgrade(&self) -> Option<OnUpgrade> {
+    pub fn take_upgrade(&self) -> Option<Splice> {
         self.upgrade.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 

@@ -20,6 +20,9 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error(transparent)]
     RateLimited(#[from] crate::ratelimit::Limited),
+    /// A back-channel logout the proxy refused (SPEC §4 "Back-channel logout").
+    #[error("invalid request: {0}")]
+    InvalidRequest(&'static str),
 }
 
 impl From<EndpointError> for ProxyError {
@@ -27,6 +30,7 @@ impl From<EndpointError> for ProxyError {
         match e {
             EndpointError::Auth(a) => ProxyError::Auth(a),
             EndpointError::BadRequest(m) => ProxyError::BadRequest(m),
+            EndpointError::InvalidRequest(m) => ProxyError::InvalidRequest(m),
         }
     }
 }
@@ -38,6 +42,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::RateLimited(_) => "rate_limited",
+            ProxyError::InvalidRequest(_) => "invalid_request",
             ProxyError::Auth(e) => e.code(),
             ProxyError::Forward(e) => match e {
                 ForwardError::Connect { .. } | ForwardError::Upstream { .. } => "bad_gateway",
@@ -57,6 +62,7 @@ impl ProxyError {
             ProxyError::RateLimited(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "too many requests; retry later".to_owned(), None)
             }
+            ProxyError::InvalidRequest(m) => (StatusCode::BAD_REQUEST, (*m).to_owned(), None),
             ProxyError::Forward(e) => match e {
                 ForwardError::Connect { .. } => {
                     (StatusCode::BAD_GATEWAY, "the upstream refused the connection".to_owned(), None)

@@ -44,8 +44,33 @@ pub enum FleetError {
 }
 
 pub enum Fleet {
-    Alone { revocations: Arc<Revocations> },
+    Alone { revocations: Arc<Revocations>, seen: Seen },
     Redis(Arc<RedisFleet>),
+}
+
+/// Ids seen once (logout tokens' `jti`), until they go stale.
+#[derive(Default)]
+pub struct Seen(dashmap::DashMap<String, i64>);
+
+impl Seen {
+    /// `true` the first time `id` is offered before `until` (Unix seconds).
+    fn first(&self, id: &str, until: i64) -> bool {
+        let now = crate::clock::unix_now();
+        if self.0.len() > 10_000 {
+            self.0.retain(|_, u| *u > now);
+        }
+        match self.0.entry(id.to_owned()) {
+            dashmap::mapref::entry::Entry::Occupied(mut e) if *e.get() <= now => {
+                e.insert(until);
+                true
+            }
+            dashmap::mapref::entry::Entry::Occupied(_) => false,
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                v.insert(until);
+                true
+            }
+        }
+    }
 }
 
 impl Fleet {
@@ -55,7 +80,7 @@ impl Fleet {
         metrics: &Arc<Metrics>,
     ) -> Result<Self, redis::RedisError> {
         match settings {
-            None => Ok(Fleet::Alone { revocations }),
+            None => Ok(Fleet::Alone { revocations, seen: Seen::default() }),
             Some(s) => Ok(Fleet::Redis(RedisFleet::new(s, revocations, metrics.clone())?)),
         }
     }
@@ -75,10 +100,31 @@ impl Fleet {
         }
     }
 
+    /// `true` the first time `id` is seen by any instance before `until` (Unix
+    /// seconds); with Redis away, by this instance.
+    pub async fn first_use(&self, kind: &str, id: &str, until: i64) -> bool {
+        match self {
+            Fleet::Alone { seen, .. } => seen.first(&format!("{kind}:{id}"), until),
+            Fleet::Redis(r) => {
+                let local = r.seen.first(&format!("{kind}:{id}"), until);
+                let key = format!("{}seen:{kind}:{}", r.prefix, hex(&crate::auth::cache::hash(id)));
+                let ms = until.saturating_mul(1000).max(1);
+                let claimed: Result<Option<String>, FleetError> = r
+                    .query("claim once", redis::cmd("SET").arg(&key).arg("1").arg("NX").arg("PXAT").arg(ms))
+                    .await;
+                match claimed {
+                    Ok(Some(_)) => local,
+                    Ok(None) => false,
+                    Err(_) => local,
+                }
+            }
+        }
+    }
+
     /// Denies `entry` here at once, then shares it (queued if Redis is away).
     pub async fn revoke(&self, entry: &Revocation) {
         match self {
-            Fleet::Alone { revocations } => revocations.insert(entry),
+            Fleet::Alone { revocations, .. } => revocations.insert(entry),
             Fleet::Redis(r) => {
                 r.revocations.insert(entry);
                 if r.write_revocation(entry).await.is_err() {
@@ -98,6 +144,7 @@ pub struct RedisFleet {
     /// Revocations posted while Redis was away, written when it returns.
     pending: Mutex<Vec<Revocation>>,
     revocations: Arc<Revocations>,
+    seen: Seen,
     metrics: Arc<Metrics>,
 }
 
@@ -136,6 +183,7 @@ impl RedisFleet {
             loaded: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
             revocations,
+            seen: Seen::default(),
             metrics,
         }))
     }

@@ -49,9 +49,16 @@ pub enum ForwardError {
     BodyTooLarge { route: String, limit: u64 },
 }
 
+/// What an opened tunnel watches: the revocations that may end it, and the metrics.
+pub struct Tunnels<'a> {
+    pub revocations: &'a std::sync::Arc<crate::auth::revocation::Revocations>,
+    pub metrics: &'a std::sync::Arc<crate::metrics::Metrics>,
+}
+
 /// How one route forwards; built once per configuration.
 pub struct Forwarder {
     name: String,
+    max_tunnel_lifetime: Option<Duration>,
     path_prefix: String,
     strip_prefix: bool,
     timeout: Duration,
@@ -70,6 +77,7 @@ impl Forwarder {
     pub fn new(route: &RouteSettings) -> Result<Self, rustls::Error> {
         Ok(Self {
             name: route.name.clone(),
+            max_tunnel_lifetime: route.max_tunnel_lifetime,
             path_prefix: route.path_prefix.clone(),
             strip_prefix: route.strip_prefix,
             timeout: route.timeout,
@@ -92,6 +100,7 @@ impl Forwarder {
         conn: &Conn,
         admitted: &Admitted,
         own_cookies: &[String],
+        tunnels: &Tunnels<'_>,
     ) -> Result<Sent, ForwardError> {
         let route = || self.name.clone();
         let Some(backend) = self.upstream.pick() else {
@@ -184,7 +193,14 @@ impl Forwarder {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // The client's connection completes the upgrade once the 101 is written.
             if upgrade.is_some() {
-                conn.offer_upgrade(hyper::upgrade::on(&mut resp));
+                let t = tunnel::Tunnel::new(
+                    hyper::upgrade::on(&mut resp),
+                    admitted,
+                    self.max_tunnel_lifetime,
+                    tunnels.revocations.clone(),
+                    tunnels.metrics.clone(),
+                );
+                conn.offer_upgrade(Box::new(move |client| tunnel::splice(client, t)));
             }
         } else {
             headers::remove_hop_by_hop(resp.headers_mut());

@@ -25,6 +25,10 @@ pub const REJECTION_REASONS: [&str; 8] = [
     "forbidden",
 ];
 
+pub const TUNNEL_CLOSE_REASONS: [&str; 4] = ["revoked", "logout", "session_expired", "lifetime"];
+
+pub const LOGOUT_KINDS: [&str; 3] = ["local", "backchannel", "rp_initiated"];
+
 pub const REFRESH_OUTCOMES: [&str; 5] = ["ok", "rotated", "grace", "invalid_grant", "auth_server_error"];
 
 /// Counters of one route; kept across reloads while the route name exists.
@@ -77,9 +81,13 @@ pub struct Metrics {
     jwks: DashMap<(String, &'static str), AtomicU64>,
     introspections: DashMap<(String, &'static str), AtomicU64>,
     rate_limited: DashMap<String, AtomicU64>,
+    logouts: [AtomicU64; LOGOUT_KINDS.len()],
+    logout_rejections: DashMap<&'static str, AtomicU64>,
     pub reloads_ok: AtomicU64,
     pub reloads_error: AtomicU64,
     pub open_connections: AtomicI64,
+    pub tunnels_open: AtomicI64,
+    tunnels_closed: [AtomicU64; TUNNEL_CLOSE_REASONS.len()],
     pub state_errors: AtomicU64,
 }
 
@@ -103,6 +111,22 @@ impl Metrics {
     pub fn jwks_fetch(&self, issuer: &str, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
         self.jwks.entry((issuer.to_owned(), outcome)).or_default().fetch_add(1, Relaxed);
+    }
+
+    pub fn tunnel_closed(&self, reason: &str) {
+        if let Some(i) = TUNNEL_CLOSE_REASONS.iter().position(|r| *r == reason) {
+            self.tunnels_closed[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn logout(&self, kind: &str) {
+        if let Some(i) = LOGOUT_KINDS.iter().position(|k| *k == kind) {
+            self.logouts[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn logout_token_rejected(&self, reason: &'static str) {
+        self.logout_rejections.entry(reason).or_default().fetch_add(1, Relaxed);
     }
 
     pub fn rate_limited(&self, limit: &str) {
@@ -208,6 +232,34 @@ impl Metrics {
                 "portcullis_introspections_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {v}",
                 esc(&issuer)
             )?;
+        }
+        writeln!(o, "# HELP portcullis_tunnels_open Upgrade tunnels open now.")?;
+        writeln!(o, "# TYPE portcullis_tunnels_open gauge")?;
+        writeln!(o, "portcullis_tunnels_open {}", self.tunnels_open.load(Relaxed))?;
+        writeln!(o, "# HELP portcullis_tunnels_closed_total Tunnels closed by the proxy, by reason.")?;
+        writeln!(o, "# TYPE portcullis_tunnels_closed_total counter")?;
+        for (i, r) in TUNNEL_CLOSE_REASONS.iter().enumerate() {
+            writeln!(
+                o,
+                "portcullis_tunnels_closed_total{{reason=\"{r}\"}} {}",
+                self.tunnels_closed[i].load(Relaxed)
+            )?;
+        }
+        writeln!(o, "# HELP portcullis_logouts_total Sessions ended, by kind.")?;
+        writeln!(o, "# TYPE portcullis_logouts_total counter")?;
+        for (i, k) in LOGOUT_KINDS.iter().enumerate() {
+            writeln!(o, "portcullis_logouts_total{{kind=\"{k}\"}} {}", self.logouts[i].load(Relaxed))?;
+        }
+        writeln!(
+            o,
+            "# HELP portcullis_logout_tokens_rejected_total Back-channel logout tokens refused, by reason."
+        )?;
+        writeln!(o, "# TYPE portcullis_logout_tokens_rejected_total counter")?;
+        let mut refused: Vec<_> =
+            self.logout_rejections.iter().map(|e| (*e.key(), e.value().load(Relaxed))).collect();
+        refused.sort();
+        for (reason, v) in refused {
+            writeln!(o, "portcullis_logout_tokens_rejected_total{{reason=\"{}\"}} {v}", esc(reason))?;
         }
         writeln!(o, "# HELP portcullis_rate_limited_total Requests refused by a rate limit, by limit.")?;
         writeln!(o, "# TYPE portcullis_rate_limited_total counter")?;

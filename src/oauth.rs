@@ -59,6 +59,8 @@ pub struct Tokens {
     /// Present when the server issued (or rotated) a refresh token.
     pub refresh_token: Option<String>,
     pub expires_in: Option<u64>,
+    /// OpenID Connect: who logged in (`sub`, `sid`), and the hint for RP-initiated logout.
+    pub id_token: Option<String>,
 }
 
 /// Why a call to the authorization server did not give tokens. Only
@@ -89,11 +91,13 @@ struct TokenResponse {
     access_token: Option<String>,
     refresh_token: Option<String>,
     expires_in: Option<u64>,
+    id_token: Option<String>,
     error: Option<String>,
 }
 
 pub struct OAuthClient {
     client: HttpsClient<Full<Bytes>>,
+    issuer: Option<String>,
     settings: AuthSettings,
 }
 
@@ -103,6 +107,7 @@ pub struct Endpoints {
     pub token: Option<Uri>,
     pub authorization: Option<Uri>,
     pub revocation: Option<Uri>,
+    pub end_session: Option<Uri>,
 }
 
 /// The parts of `[auth_server]` a grant needs.
@@ -174,6 +179,7 @@ impl OAuthClient {
             token: s.token_url.clone(),
             authorization: s.authorization_url.clone(),
             revocation: s.revocation_url.clone(),
+            end_session: None,
         }));
         if s.token_url.is_none() {
             if let Some(issuer) = s.issuer.clone() {
@@ -182,6 +188,7 @@ impl OAuthClient {
         }
         Ok(Self {
             client: outbound_client(s.timeout)?,
+            issuer: s.issuer.clone(),
             settings: AuthSettings {
                 endpoints,
                 credentials: ClientCredentials {
@@ -193,6 +200,26 @@ impl OAuthClient {
                 timeout: s.timeout,
             },
         })
+    }
+
+    /// The provider's end-session endpoint (RP-initiated logout), from discovery:
+    /// read when first needed and kept.
+    pub async fn end_session_url(&self) -> Option<Uri> {
+        let e = self.settings.endpoints.load_full();
+        if let Some(u) = &e.end_session {
+            return Some(u.clone());
+        }
+        let issuer = self.issuer.as_ref()?;
+        let meta = discovery::fetch(issuer).await.ok()?;
+        let found = discovery::parse_uri(meta.end_session_endpoint.as_deref())?;
+        self.settings
+            .endpoints
+            .store(Arc::new(Endpoints { end_session: Some(found.clone()), ..(*e).clone() }));
+        Some(found)
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.settings.credentials.client_id
     }
 
     /// The authorization endpoint, when code + PKCE login is available.
@@ -265,9 +292,9 @@ impl OAuthClient {
         let parsed: Option<TokenResponse> = serde_json::from_slice(&body).ok();
         if status.is_success() {
             return match parsed {
-                Some(TokenResponse { access_token: Some(a), refresh_token, expires_in, .. }) => {
-                    Ok(Tokens { access_token: a, refresh_token, expires_in })
-                }
+                Some(TokenResponse {
+                    access_token: Some(a), refresh_token, expires_in, id_token, ..
+                }) => Ok(Tokens { access_token: a, refresh_token, expires_in, id_token }),
                 _ => Err(GrantError::NoAccessToken),
             };
         }
@@ -311,6 +338,7 @@ async fn discover(issuer: String, endpoints: Weak<ArcSwap<Endpoints>>) {
                     token: pick(&cur.token, meta.token_endpoint.as_deref()),
                     authorization: pick(&cur.authorization, meta.authorization_endpoint.as_deref()),
                     revocation: pick(&cur.revocation, meta.revocation_endpoint.as_deref()),
+                    end_session: pick(&cur.end_session, meta.end_session_endpoint.as_deref()),
                 }));
                 tracing::info!(issuer = %issuer, "authorization server endpoints discovered");
                 return;

@@ -21,7 +21,7 @@ use crate::body::Body;
 use crate::config::{AuthMode, RuleAction};
 use crate::conn::Conn;
 use crate::error::ProxyError;
-use crate::forward::identity;
+use crate::forward::{identity, Tunnels};
 use crate::session::{csrf, endpoints, SessionCtx};
 use crate::state::{Route, Runtime, Snapshot};
 use crate::target::Target;
@@ -94,6 +94,7 @@ async fn pipeline(
         verifier: &rt.verifier,
         broker: &rt.broker,
         fleet: &rt.fleet,
+        metrics: &rt.metrics,
     });
     // 2. The session endpoints answer themselves (login and callback after their limits).
     if let Some(cx) = &session {
@@ -140,7 +141,8 @@ async fn pipeline(
         snap.rate_limits.after_auth(&route.name, admitted.claims().map(|c| &**c))?;
     }
     // 5. Forward.
-    let sent = route.forwarder.send(req, &target, conn, &admitted, &snap.own_cookies).await?;
+    let tunnels = Tunnels { revocations: &rt.verifier.revocations, metrics: &rt.metrics };
+    let sent = route.forwarder.send(req, &target, conn, &admitted, &snap.own_cookies, &tunnels).await?;
     record.upstream_time = Some(sent.upstream_time);
     Ok(sent.response)
 }
@@ -208,6 +210,9 @@ fn log_error(e: &ProxyError, route: &str) {
         }
         ProxyError::RateLimited(l) => {
             tracing::info!(route, reason = "rate_limited", limit = %l.limit, "request rejected")
+        }
+        ProxyError::InvalidRequest(m) => {
+            tracing::info!(route, reason = "invalid_request", detail = m, "request rejected")
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod cookies;
 pub mod csrf;
 pub mod endpoints;
+pub mod logout;
 pub mod refresh;
 pub mod seal;
 
@@ -15,13 +16,16 @@ use std::sync::Arc;
 use http::header::{HeaderMap, HeaderValue};
 use http::Method;
 
-use crate::auth::{AuthError, Credential, RoutePolicy, Verifier};
+use crate::auth::{AuthError, Credential, Issuer, RoutePolicy, Verifier};
 use crate::clock::unix_now;
 use crate::config::{AuthServerSettings, SessionSettings};
 use crate::fleet::Fleet;
 use crate::oauth::OAuthClient;
-use cookies::Cookies;
+use cookies::{Cookies, RefreshCookie};
 use refresh::RefreshBroker;
+
+/// Longest `sub` or `sid` recorded in the refresh cookie (for back-channel logout).
+const MAX_ID: usize = 255;
 
 /// One configuration's session machinery.
 pub struct Sessions {
@@ -29,13 +33,67 @@ pub struct Sessions {
     pub cookies: Cookies,
     pub oauth: OAuthClient,
     pub auth_server: AuthServerSettings,
+    /// The `[[issuers]]` entry whose `issuer` is `[auth_server] issuer`: it signs
+    /// back-channel logout tokens.
+    pub logout_issuer: Option<Arc<Issuer>>,
 }
 
 impl Sessions {
-    pub fn new(settings: SessionSettings, auth_server: AuthServerSettings) -> Result<Self, rustls::Error> {
+    pub fn new(
+        settings: SessionSettings,
+        auth_server: AuthServerSettings,
+        logout_issuer: Option<Arc<Issuer>>,
+    ) -> Result<Self, rustls::Error> {
         let oauth = OAuthClient::new(&auth_server)?;
-        Ok(Self { cookies: Cookies::new(&settings), settings, oauth, auth_server })
+        Ok(Self { cookies: Cookies::new(&settings), settings, oauth, auth_server, logout_issuer })
     }
+
+    /// A new session's refresh cookie: a fresh id, and who logged in (`sub` and
+    /// `sid` from the ID token, which came straight from the token endpoint, else
+    /// `sub` from the access token).
+    pub fn new_session(
+        &self,
+        rt: String,
+        access_token: &str,
+        id_token: Option<String>,
+        now: i64,
+    ) -> RefreshCookie {
+        let claims = |t: &str| -> Option<serde_json::Map<String, serde_json::Value>> {
+            use base64::Engine as _;
+            let payload = t.split('.').nth(1)?;
+            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+            serde_json::from_slice(&bytes).ok()
+        };
+        let from_id = id_token.as_deref().and_then(claims);
+        let from_access = claims(access_token);
+        let sub = from_id
+            .as_ref()
+            .and_then(|c| crate::auth::jwt::id_claim(c.get("sub")))
+            .or_else(|| from_access.as_ref().and_then(|c| crate::auth::jwt::id_claim(c.get("sub"))));
+        let sid = from_id.as_ref().and_then(|c| c.get("sid")).and_then(|v| v.as_str()).map(str::to_owned);
+        // Identifiers are short in practice; an absurd one is not worth a bigger cookie.
+        let sub = sub.filter(|s| s.len() <= MAX_ID);
+        let sid = sid.filter(|s| s.len() <= MAX_ID);
+        RefreshCookie {
+            rt,
+            login: now,
+            id: self.cookies.sealer.random_token().unwrap_or_default(),
+            sub,
+            sid,
+            id_token,
+        }
+    }
+}
+
+/// Whether a revocation (a logout by id, `sid` or `sub`) has ended this session.
+pub fn ended(revocations: &crate::auth::revocation::Revocations, rc: &RefreshCookie) -> bool {
+    revocations.denies(&crate::auth::revocation::Subject {
+        jti: None,
+        sub: rc.sub.as_deref(),
+        sid: rc.sid.as_deref(),
+        since: Some(rc.login),
+        session: (!rc.id.is_empty()).then_some(rc.id.as_str()),
+    })
 }
 
 /// What the session stage uses: this configuration's sessions and the runtime
@@ -45,6 +103,7 @@ pub struct SessionCtx<'a> {
     pub verifier: &'a Verifier,
     pub broker: &'a Arc<RefreshBroker>,
     pub fleet: &'a Fleet,
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 impl SessionCtx<'_> {
@@ -69,6 +128,24 @@ impl SessionCtx<'_> {
             return Ok(Credential::None);
         }
         csrf::check(method, headers, own, &s.settings.allowed_origins).map_err(|_| AuthError::Csrf)?;
+        // Logged out (here, on another instance, or at the provider): over, without a call.
+        if let Some(rc) = &refresh {
+            if ended(&self.verifier.revocations, rc) {
+                set_cookies.extend(s.cookies.clear_session(&jar));
+                return Err(AuthError::SessionOver);
+            }
+        }
+        let absolute = s.settings.absolute_timeout.as_secs() as i64;
+        let session = match &refresh {
+            Some(rc) => crate::auth::SessionBinding {
+                id: rc.id.clone(),
+                sub: rc.sub.clone(),
+                sid: rc.sid.clone(),
+                login: rc.login,
+                ends_at: rc.login.saturating_add(absolute),
+            },
+            None => crate::auth::SessionBinding::default(),
+        };
         let now = unix_now();
         let ahead = s.settings.refresh_ahead.as_secs() as i64;
         let mut current = None;
@@ -86,7 +163,7 @@ impl SessionCtx<'_> {
         }
         if needs_refresh {
             let Some(rc) = refresh else { return Err(AuthError::Missing) };
-            match refresh::renew(&rc, &jar, self.sessions, self.broker, set_cookies).await {
+            match refresh::renew(&rc, &jar, self.sessions, self, set_cookies).await {
                 Ok(fresh) => {
                     let claims = policy.check(&fresh.access_token, self.verifier).await?;
                     current = Some((claims, fresh.access_token.clone()));
@@ -97,7 +174,7 @@ impl SessionCtx<'_> {
             }
         }
         match current {
-            Some((claims, token)) => Ok(Credential::Session { token, claims }),
+            Some((claims, token)) => Ok(Credential::Session { token, claims, session }),
             None => Err(AuthError::Missing),
         }
     }

@@ -120,7 +120,13 @@ impl Snapshot {
         };
         let sessions = match (config.session, config.auth_server) {
             (Some(session), Some(auth)) => {
-                Some(Arc::new(Sessions::new(session, auth).map_err(BuildError::AuthServerTls)?))
+                let logout_issuer = auth
+                    .issuer
+                    .as_deref()
+                    .and_then(|iss| issuers.values().find(|i| i.policy.issuer == iss).cloned());
+                Some(Arc::new(
+                    Sessions::new(session, auth, logout_issuer).map_err(BuildError::AuthServerTls)?,
+                ))
             }
             _ => None,
         };

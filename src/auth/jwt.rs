@@ -51,6 +51,12 @@ pub struct Header {
 /// access token's (RFC 9068 §4, or plain JWT), and no `crit` extension is
 /// understood, so any is refused (RFC 7515 §4.1.11).
 pub fn header(token: &str) -> Result<Header, InvalidReason> {
+    header_of_type(token, &["jwt", "at+jwt"])
+}
+
+/// The header, refusing any `crit` and a `typ` (without its `application/`
+/// prefix, case-insensitively) other than `types`.
+fn header_of_type(token: &str, types: &[&str]) -> Result<Header, InvalidReason> {
     let head = token.split('.').next().unwrap_or("");
     let parsed: Option<Header> = B64.decode(head).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let Some(h) = parsed else { return Err(header_failure(token)) };
@@ -59,7 +65,7 @@ pub fn header(token: &str) -> Result<Header, InvalidReason> {
     }
     if let Some(typ) = &h.typ {
         let t = typ.strip_prefix("application/").unwrap_or(typ);
-        if !t.eq_ignore_ascii_case("jwt") && !t.eq_ignore_ascii_case("at+jwt") {
+        if !types.iter().any(|k| t.eq_ignore_ascii_case(k)) {
             return Err(InvalidReason::WrongType);
         }
     }
@@ -69,11 +75,23 @@ pub fn header(token: &str) -> Result<Header, InvalidReason> {
 /// Verifies `token` (JWS compact serialisation) against `keys` and the issuer
 /// policy at time `now` (Unix seconds): header, signature, then claims.
 pub fn verify(token: &str, policy: &Policy, keys: &KeySet, now: i64) -> Result<Claims, Rejected> {
-    use Rejected::Invalid;
     if token.len() > MAX_TOKEN_BYTES {
-        return Err(Invalid(InvalidReason::TooLarge));
+        return Err(Rejected::Invalid(InvalidReason::TooLarge));
     }
-    let header = header(token).map_err(Invalid)?;
+    let header = header(token).map_err(Rejected::Invalid)?;
+    let all = verified_payload(token, &header, policy, keys)?;
+    check_claims(all, policy, now).map_err(Rejected::Invalid)
+}
+
+/// The payload of `token` once its signature is valid under `keys` for an
+/// algorithm the policy allows.
+fn verified_payload(
+    token: &str,
+    header: &Header,
+    policy: &Policy,
+    keys: &KeySet,
+) -> Result<Map<String, Value>, Rejected> {
+    use Rejected::Invalid;
     let alg = header.alg;
     if !policy.algorithms.contains(&alg) {
         return Err(Invalid(InvalidReason::AlgorithmNotAllowed));
@@ -107,8 +125,72 @@ pub fn verify(token: &str, policy: &Policy, keys: &KeySet, now: i64) -> Result<C
         }));
     }
     let payload = B64.decode(payload).map_err(|_| malformed())?;
-    let all: Map<String, Value> = serde_json::from_slice(&payload).map_err(|_| malformed())?;
-    check_claims(all, policy, now).map_err(Invalid)
+    serde_json::from_slice(&payload).map_err(|_| malformed())
+}
+
+/// A verified OpenID Connect Back-Channel Logout token: who to log out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogoutToken {
+    pub sub: Option<String>,
+    pub sid: Option<String>,
+    pub jti: String,
+    pub iat: i64,
+    /// When a replay of it stops mattering (its `exp`, or `iat` plus a few minutes).
+    pub stale_at: i64,
+}
+
+pub const BACKCHANNEL_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+/// How long after `iat` a logout token without `exp` is still taken.
+pub const LOGOUT_TOKEN_MAX_AGE: i64 = 300;
+
+/// Why a logout token was refused (the label is a metric's `reason`).
+pub fn verify_logout(
+    token: &str,
+    policy: &Policy,
+    keys: &KeySet,
+    client_id: &str,
+    now: i64,
+) -> Result<LogoutToken, Rejected> {
+    use Rejected::Invalid;
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Invalid(InvalidReason::TooLarge));
+    }
+    let header = header_of_type(token, &["jwt", "logout+jwt"]).map_err(Invalid)?;
+    let all = verified_payload(token, &header, policy, keys)?;
+    if all.get("iss").and_then(Value::as_str) != Some(policy.issuer.as_str()) {
+        return Err(Invalid(InvalidReason::WrongIssuer));
+    }
+    let aud_ok = match all.get("aud") {
+        Some(Value::String(a)) => a == client_id,
+        Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(client_id)),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err(Invalid(InvalidReason::WrongAudience));
+    }
+    let iat = time_claim(&all, "iat").map_err(Invalid)?.ok_or(Invalid(InvalidReason::Malformed))?;
+    if iat > now.saturating_add(policy.leeway) {
+        return Err(Invalid(InvalidReason::IssuedInFuture));
+    }
+    let stale_at = match time_claim(&all, "exp").map_err(Invalid)? {
+        Some(exp) => exp.saturating_add(policy.leeway),
+        None => iat.saturating_add(LOGOUT_TOKEN_MAX_AGE),
+    };
+    if now > stale_at {
+        return Err(Invalid(InvalidReason::Expired));
+    }
+    let jti = id_claim(all.get("jti")).ok_or(Invalid(InvalidReason::Malformed))?;
+    let event = all.get("events").and_then(|e| e.get(BACKCHANNEL_EVENT)).is_some_and(Value::is_object);
+    // A logout token is never an ID token: a nonce would make it one.
+    if !event || all.contains_key("nonce") {
+        return Err(Invalid(InvalidReason::WrongType));
+    }
+    let sub = id_claim(all.get("sub"));
+    let sid = all.get("sid").and_then(Value::as_str).map(str::to_owned);
+    if sub.is_none() && sid.is_none() {
+        return Err(Invalid(InvalidReason::Malformed));
+    }
+    Ok(LogoutToken { sub, sid, jti, iat, stale_at })
 }
 
 /// Why a header did not parse: `alg: none` and unknown algorithms are named as such.

@@ -16,11 +16,25 @@ pub enum Revocation {
         jti: String,
         exp: i64,
     },
+    /// Tokens of the subject issued before the time, and its sessions established before it.
     Sub {
         sub: String,
         issued_before: i64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exp: Option<i64>,
+    },
+    /// The provider's session `sid` (back-channel logout): sessions established
+    /// before the time, and access tokens carrying that `sid` issued before it.
+    Sid {
+        sid: String,
+        issued_before: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exp: Option<i64>,
+    },
+    /// One session of this proxy, by its own id (a logout).
+    Session {
+        session: String,
+        exp: i64,
     },
 }
 
@@ -28,8 +42,8 @@ impl Revocation {
     /// When the entry may be forgotten.
     pub fn expires_at(&self) -> i64 {
         match self {
-            Revocation::Jti { exp, .. } => *exp,
-            Revocation::Sub { issued_before, exp, .. } => {
+            Revocation::Jti { exp, .. } | Revocation::Session { exp, .. } => *exp,
+            Revocation::Sub { issued_before, exp, .. } | Revocation::Sid { issued_before, exp, .. } => {
                 exp.unwrap_or(issued_before + DEFAULT_SUB_RETENTION)
             }
         }
@@ -39,51 +53,101 @@ impl Revocation {
         match self {
             Revocation::Jti { jti, .. } if jti.is_empty() => Err("jti must not be empty"),
             Revocation::Sub { sub, .. } if sub.is_empty() => Err("sub must not be empty"),
+            Revocation::Sid { sid, .. } if sid.is_empty() => Err("sid must not be empty"),
+            Revocation::Session { session, .. } if session.is_empty() => Err("session must not be empty"),
             _ => Ok(()),
+        }
+    }
+
+    /// What it is keyed by, for logs and storage keys: `(kind, id)`.
+    pub fn key(&self) -> (&'static str, &str) {
+        match self {
+            Revocation::Jti { jti, .. } => ("jti", jti),
+            Revocation::Sub { sub, .. } => ("sub", sub),
+            Revocation::Sid { sid, .. } => ("sid", sid),
+            Revocation::Session { session, .. } => ("session", session),
         }
     }
 }
 
-#[derive(Default)]
+/// Who a token or a session is, as revocations see it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Subject<'a> {
+    pub jti: Option<&'a str>,
+    pub sub: Option<&'a str>,
+    pub sid: Option<&'a str>,
+    /// The token's `iat`, or the session's login time.
+    pub since: Option<i64>,
+    /// This proxy's session id.
+    pub session: Option<&'a str>,
+}
+
 pub struct Revocations {
     by_jti: DashMap<String, i64>,
     /// sub → (issued_before, forget_at)
     by_sub: DashMap<String, (i64, i64)>,
+    by_sid: DashMap<String, (i64, i64)>,
+    by_session: DashMap<String, i64>,
+    /// Every entry as it arrives (locally, from the admin API or the fleet), for
+    /// the tunnels opened by what it revokes.
+    added: tokio::sync::broadcast::Sender<Revocation>,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Self {
+            by_jti: DashMap::new(),
+            by_sub: DashMap::new(),
+            by_sid: DashMap::new(),
+            by_session: DashMap::new(),
+            added: tokio::sync::broadcast::channel(256).0,
+        }
+    }
 }
 
 impl Revocations {
     pub fn insert(&self, r: &Revocation) {
         let until = r.expires_at();
+        // A later cut-off denies more; keep the widest one.
+        let widen = |map: &DashMap<String, (i64, i64)>, id: &str, before: i64| {
+            let mut e = map.entry(id.to_owned()).or_insert((before, until));
+            e.0 = e.0.max(before);
+            e.1 = e.1.max(until);
+        };
         match r {
             Revocation::Jti { jti, exp } => {
                 self.by_jti.insert(jti.clone(), *exp);
             }
-            Revocation::Sub { sub, issued_before, .. } => {
-                // A later cut-off denies more; keep the widest one.
-                let mut e = self.by_sub.entry(sub.clone()).or_insert((*issued_before, until));
-                e.0 = e.0.max(*issued_before);
-                e.1 = e.1.max(until);
+            Revocation::Sub { sub, issued_before, .. } => widen(&self.by_sub, sub, *issued_before),
+            Revocation::Sid { sid, issued_before, .. } => widen(&self.by_sid, sid, *issued_before),
+            Revocation::Session { session, exp } => {
+                self.by_session.insert(session.clone(), *exp);
             }
         }
+        let _ = self.added.send(r.clone());
     }
 
+    /// New entries from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+        self.added.subscribe()
+    }
+
+    /// Whether an access token with these claims is denied.
+    #[cfg(test)]
     pub fn is_revoked(&self, jti: Option<&str>, sub: Option<&str>, iat: Option<i64>) -> bool {
-        if !self.by_jti.is_empty() {
-            if let Some(jti) = jti {
-                if self.by_jti.contains_key(jti) {
-                    return true;
-                }
-            }
-        }
-        if !self.by_sub.is_empty() {
-            if let Some(sub) = sub {
-                if let Some(e) = self.by_sub.get(sub) {
-                    // A token without `iat` cannot prove it is newer: deny it.
-                    return iat.is_none_or(|iat| iat < e.0);
-                }
-            }
-        }
-        false
+        self.denies(&Subject { jti, sub, sid: None, since: iat, session: None })
+    }
+
+    /// Whether anything denies this token or session. A subject without a time
+    /// cannot prove it is newer than a cut-off: it is denied.
+    pub fn denies(&self, s: &Subject<'_>) -> bool {
+        let before = |map: &DashMap<String, (i64, i64)>, id: Option<&str>| {
+            !map.is_empty() && id.and_then(|id| map.get(id)).is_some_and(|e| s.since.is_none_or(|t| t < e.0))
+        };
+        (!self.by_jti.is_empty() && s.jti.is_some_and(|j| self.by_jti.contains_key(j)))
+            || (!self.by_session.is_empty() && s.session.is_some_and(|id| self.by_session.contains_key(id)))
+            || before(&self.by_sub, s.sub)
+            || before(&self.by_sid, s.sid)
     }
 
     pub fn list(&self) -> Vec<Revocation> {
@@ -94,13 +158,23 @@ impl Revocations {
             issued_before: e.value().0,
             exp: Some(e.value().1),
         }));
+        out.extend(self.by_sid.iter().map(|e| Revocation::Sid {
+            sid: e.key().clone(),
+            issued_before: e.value().0,
+            exp: Some(e.value().1),
+        }));
+        out.extend(
+            self.by_session.iter().map(|e| Revocation::Session { session: e.key().clone(), exp: *e.value() }),
+        );
         out
     }
 
-    /// Forgets entries whose tokens have expired by `now`.
+    /// Forgets entries whose tokens (or sessions) have expired by `now`.
     pub fn sweep(&self, now: i64) {
         self.by_jti.retain(|_, exp| *exp >= now);
         self.by_sub.retain(|_, (_, until)| *until >= now);
+        self.by_sid.retain(|_, (_, until)| *until >= now);
+        self.by_session.retain(|_, exp| *exp >= now);
     }
 }
 

@@ -151,7 +151,9 @@ pub(super) fn build(
     if let Some(s) = &session {
         for r in &routes {
             let own = [&s.login_path, &s.callback_path, &s.refresh_path, &s.logout_path];
-            if own.iter().any(|p| **p == r.path_prefix) {
+            if own.iter().any(|p| **p == r.path_prefix)
+                || s.backchannel_logout_path.as_ref() == Some(&r.path_prefix)
+            {
                 let msg =
                     format!("route \"{}\" uses a [session] endpoint path; the endpoint would win", r.name);
                 cx.p.add(&root.key("routes"), msg);
@@ -531,6 +533,8 @@ fn build_session(cx: &mut Ctx<'_, '_>, s: file::Session) -> Option<SessionSettin
     let callback_path = p("callback_path", s.callback_path, "/auth/callback");
     let refresh_path = p("refresh_path", s.refresh_path, "/auth/refresh");
     let logout_path = p("logout_path", s.logout_path, "/auth/logout");
+    let backchannel_logout_path =
+        s.backchannel_logout_path.map(|v| p("backchannel_logout_path", Some(v), ""));
     let mut allowed_origins = Vec::new();
     for (i, o) in s.allowed_origins.iter().enumerate() {
         match o.parse::<Uri>() {
@@ -563,6 +567,12 @@ fn build_session(cx: &mut Ctx<'_, '_>, s: file::Session) -> Option<SessionSettin
     if idle_timeout > absolute_timeout {
         cx.p.add(&path.key("idle_timeout"), "must not exceed absolute_timeout");
     }
+    let end_session_url = cx.opt_url(&path.key("end_session_url"), &s.end_session_url);
+    if let Some(r) = &s.post_logout_redirect_uri {
+        if !r.starts_with('/') {
+            cx.url(&path.key("post_logout_redirect_uri"), r);
+        }
+    }
     if keys.is_empty() {
         return None;
     }
@@ -581,6 +591,9 @@ fn build_session(cx: &mut Ctx<'_, '_>, s: file::Session) -> Option<SessionSettin
         refresh_path,
         logout_path,
         allowed_origins,
+        backchannel_logout_path,
+        end_session_url,
+        post_logout_redirect_uri: s.post_logout_redirect_uri,
     })
 }
 
@@ -736,6 +749,18 @@ fn build_route(
         }
     };
     let rules = build_rules(cx, path, r, &prefix, auth);
+    let max_tunnel_lifetime = r
+        .max_tunnel_lifetime
+        .as_ref()
+        .map(|v| cx.duration(&path.key("max_tunnel_lifetime"), &Some(v.clone()), Duration::ZERO));
+    if let Some(p) = r.upstream_protocol.as_deref() {
+        if p != "http1" {
+            cx.p.add(
+                &path.key("upstream_protocol"),
+                format!("\"{p}\": only \"http1\" is available in this version"),
+            );
+        }
+    }
     let max_request_body = r
         .max_request_body
         .as_ref()
@@ -785,6 +810,7 @@ fn build_route(
         scopes: r.scopes.clone(),
         forward_token: r.forward_token.unwrap_or(true),
         cors_preflight,
+        max_tunnel_lifetime,
         identity_headers,
         rules,
         line: cx.p.line(path),

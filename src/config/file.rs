@@ -137,6 +137,9 @@ pub struct Session {
     pub logout_path: Option<String>,
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    pub backchannel_logout_path: Option<String>,
+    pub end_session_url: Option<String>,
+    pub post_logout_redirect_uri: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +173,8 @@ pub struct Route {
     pub scopes: Vec<String>,
     pub forward_token: Option<bool>,
     pub cors_preflight: Option<String>,
+    pub upstream_protocol: Option<String>,
+    pub max_tunnel_lifetime: Option<String>,
     pub identity_headers: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub rules: Vec<Rule>,

@@ -141,6 +141,11 @@ pub struct SessionSettings {
     pub logout_path: String,
     /// Normalised `scheme://host[:port]`, lower-case.
     pub allowed_origins: Vec<String>,
+    /// OpenID Connect Back-Channel Logout 1.0 receiver.
+    pub backchannel_logout_path: Option<String>,
+    /// RP-initiated logout: where `GET logout_path` sends the browser (else discovery's).
+    pub end_session_url: Option<Uri>,
+    pub post_logout_redirect_uri: Option<String>,
 }
 
 #[derive(Default)]
@@ -199,6 +204,8 @@ pub struct RouteSettings {
     pub forward_token: bool,
     /// A CORS preflight passes upstream without a token.
     pub cors_preflight: bool,
+    /// Upgrade tunnels are closed after this long.
+    pub max_tunnel_lifetime: Option<Duration>,
     pub identity_headers: Vec<(HeaderName, String)>,
     pub rules: Vec<RuleSettings>,
     /// The `[[routes]]` table's line, for `check --explain`.

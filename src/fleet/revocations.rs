@@ -22,10 +22,7 @@ impl RedisFleet {
     }
 
     fn revocation_key(&self, r: &Revocation) -> String {
-        let (kind, id) = match r {
-            Revocation::Jti { jti, .. } => ("jti", jti),
-            Revocation::Sub { sub, .. } => ("sub", sub),
-        };
+        let (kind, id) = r.key();
         format!("{}rev:{kind}:{}", self.prefix, hex(&crate::auth::cache::hash(id)))
     }
 

@@ -58,7 +58,7 @@ impl IdentityHeaders {
                 }
                 if !self.forward_token {
                     headers.remove(header::AUTHORIZATION);
-                } else if let TokenSource::Cookie(token) = source {
+                } else if let TokenSource::Cookie(token, _) = source {
                     if let Ok(value) = HeaderValue::try_from(format!("Bearer {token}")) {
                         headers.insert(header::AUTHORIZATION, value);
                     }

@@ -21,6 +21,7 @@ pub struct Metadata {
     pub token_endpoint: Option<String>,
     pub authorization_endpoint: Option<String>,
     pub revocation_endpoint: Option<String>,
+    pub end_session_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -158,8 +158,8 @@ async fn serve_h1<IO>(
         let leftover = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
         drop(read_buf);
         let raw = hyper_io.into_inner();
-        if let Some(upstream) = conn.take_upgrade() {
-            crate::forward::tunnel::splice(raw.with_prefix(leftover), upstream);
+        if let Some(splice) = conn.take_upgrade() {
+            splice(Box::new(raw.with_prefix(leftover)));
             return;
         }
         if !parking {

@@ -20,12 +20,31 @@ pub const CHUNK: usize = 3800;
 /// At most this many chunks are read, bounding the work a hostile Cookie header causes.
 const MAX_CHUNKS: usize = 8;
 
-/// What the refresh cookie holds.
-#[derive(Serialize, Deserialize, Clone)]
+/// What the refresh cookie holds: the refresh token and who the session is.
+#[derive(Serialize, Deserialize, Clone, Default)]
 pub struct RefreshCookie {
     pub rt: String,
-    /// Unix time of the login, for `absolute_timeout`.
+    /// Unix time of the login, for `absolute_timeout` and logouts "issued before".
     pub login: i64,
+    /// This session's own id (random, kept across refreshes): a logout ends it everywhere.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// The subject and the provider's session id (`sid`) from the login, for
+    /// back-channel logout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+    /// The ID token from the login, sent as `id_token_hint` on RP-initiated logout.
+    #[serde(default, rename = "idt", skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<String>,
+}
+
+impl RefreshCookie {
+    /// The same session holding a rotated refresh token.
+    pub fn rotated(&self, rt: String) -> Self {
+        Self { rt, ..self.clone() }
+    }
 }
 
 /// What the short-lived login-state cookie holds during code + PKCE.
@@ -246,6 +265,9 @@ mod tests {
             refresh_path: "/auth/refresh".into(),
             logout_path: "/auth/logout".into(),
             allowed_origins: vec![],
+            backchannel_logout_path: None,
+            end_session_url: None,
+            post_logout_redirect_uri: None,
         })
     }
 
@@ -264,7 +286,7 @@ mod tests {
     fn large_values_are_chunked_and_joined() {
         let s = cookies(vec![[7; 32]]);
         let access = "x".repeat(9000);
-        let rc = RefreshCookie { rt: "rt-1".into(), login: 1000 };
+        let rc = RefreshCookie { rt: "rt-1".into(), login: 1000, ..Default::default() };
         let set = s.set_session(&access, &rc, 1000, &RequestCookies::default());
         assert!(set.iter().any(|v| v.to_str().unwrap().starts_with("__Host-access.2=")));
         for v in &set {
@@ -290,7 +312,7 @@ mod tests {
     #[test]
     fn max_age_never_passes_absolute_timeout() {
         let s = cookies(vec![[7; 32]]);
-        let rc = RefreshCookie { rt: "r".into(), login: 0 };
+        let rc = RefreshCookie { rt: "r".into(), login: 0, ..Default::default() };
         let set = s.set_session("a", &rc, 7000, &RequestCookies::default());
         assert!(set[0].to_str().unwrap().contains("Max-Age=200"));
     }

@@ -11,7 +11,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::cookies::{LoginState, RefreshCookie};
+use super::cookies::LoginState;
 use super::{csrf, refresh, SessionCtx, Sessions};
 use crate::auth::AuthError;
 use crate::body::{full, json_response, Body};
@@ -28,6 +28,9 @@ pub enum EndpointError {
     Auth(#[from] AuthError),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// A refused back-channel logout token (`400 invalid_request`).
+    #[error("invalid logout request: {0}")]
+    InvalidRequest(&'static str),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +39,7 @@ pub enum Endpoint {
     Callback,
     Refresh,
     Logout,
+    BackchannelLogout,
 }
 
 pub fn which(s: &Sessions, path: &str) -> Option<Endpoint> {
@@ -48,6 +52,8 @@ pub fn which(s: &Sessions, path: &str) -> Option<Endpoint> {
         Some(Endpoint::Refresh)
     } else if path == c.logout_path {
         Some(Endpoint::Logout)
+    } else if c.backchannel_logout_path.as_deref() == Some(path) {
+        Some(Endpoint::BackchannelLogout)
     } else {
         None
     }
@@ -66,7 +72,9 @@ pub async fn serve(
     let sessions = cx.sessions;
     match ep {
         Endpoint::Refresh if post => refresh(req, conn, target, cx, cookies).await,
-        Endpoint::Logout if post => logout(req, conn, target, cx, cookies).await,
+        Endpoint::Logout if post => super::logout::post(req, conn, target, cx, cookies).await,
+        Endpoint::Logout if get => super::logout::navigate(req, conn, target, cx, cookies).await,
+        Endpoint::BackchannelLogout if post => super::logout::backchannel(req, cx).await,
         Endpoint::Login if post && sessions.auth_server.login_url.is_some() => {
             login_passthrough(req, conn, target, sessions, cookies).await
         }
@@ -81,7 +89,12 @@ pub async fn serve(
     }
 }
 
-fn gate(req: &Request<Incoming>, conn: &Conn, target: &Target, s: &Sessions) -> Result<(), AuthError> {
+pub(super) fn gate(
+    req: &Request<Incoming>,
+    conn: &Conn,
+    target: &Target,
+    s: &Sessions,
+) -> Result<(), AuthError> {
     let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
     csrf::check(req.method(), req.headers(), own, &s.settings.allowed_origins).map_err(|_| AuthError::Csrf)
 }
@@ -97,47 +110,9 @@ async fn refresh(
     gate(&req, conn, target, s)?;
     let jar = s.cookies.read(req.headers());
     let rc = s.cookies.open_refresh(&jar).ok_or(AuthError::Missing)?;
-    let fresh = refresh::renew(&rc, &jar, s, cx.broker, cookies).await?;
+    let fresh = refresh::renew(&rc, &jar, s, cx, cookies).await?;
     let expires_in = fresh.expires_in.unwrap_or(0);
     Ok(json_response(StatusCode::OK, &serde_json::json!({ "expires_in": expires_in })))
-}
-
-/// A `jti` revocation for an access token from our own (sealed, so trusted) cookie.
-fn access_revocation(token: &str) -> Option<crate::auth::revocation::Revocation> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let jti = crate::auth::jwt::id_claim(claims.get("jti"))?;
-    let exp = claims.get("exp")?.as_f64()? as i64;
-    Some(crate::auth::revocation::Revocation::Jti { jti, exp })
-}
-
-async fn logout(
-    req: Request<Incoming>,
-    conn: &Conn,
-    target: &Target,
-    cx: &SessionCtx<'_>,
-    cookies: &mut Vec<HeaderValue>,
-) -> Result<Response<Body>, EndpointError> {
-    let s = cx.sessions;
-    gate(&req, conn, target, s)?;
-    let jar = s.cookies.read(req.headers());
-    if let Some(rc) = s.cookies.open_refresh(&jar) {
-        // A rotated pair held for the grace window must not outlive the logout.
-        cx.broker.end(&rc.rt);
-        if let Err(e) = s.oauth.revoke(&rc.rt).await {
-            let cause = std::error::Error::source(&e).map(ToString::to_string);
-            tracing::warn!(error = %e, cause, "refresh token revocation failed; cookies cleared anyway");
-        }
-    }
-    // The access token dies with the session, not at its `exp`: deny its `jti`.
-    if let Some(entry) = s.cookies.open_access(&jar).and_then(|at| access_revocation(&at)) {
-        cx.fleet.revoke(&entry).await;
-    }
-    cookies.extend(s.cookies.clear_session(&jar));
-    let mut resp = Response::new(crate::body::empty());
-    *resp.status_mut() = StatusCode::NO_CONTENT;
-    Ok(resp)
 }
 
 async fn login_passthrough(
@@ -176,8 +151,10 @@ async fn login_passthrough(
     };
     let rt = obj.remove("refresh_token").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
     let at = obj.remove("access_token").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    let id_token = obj.get("id_token").and_then(|v| v.as_str()).map(str::to_owned);
     let now = unix_now();
-    cookies.extend(s.cookies.set_session(&at, &RefreshCookie { rt, login: now }, now, &jar));
+    let session = s.new_session(rt, &at, id_token, now);
+    cookies.extend(s.cookies.set_session(&at, &session, now, &jar));
     Ok(json_response(status, &serde_json::Value::Object(obj)))
 }
 
@@ -204,7 +181,7 @@ fn redirect_uri(target: &Target, conn: &Conn, s: &Sessions) -> String {
     format!("{}://{}{}", if conn.tls { "https" } else { "http" }, host, s.settings.callback_path)
 }
 
-fn redirect(location: &str) -> Result<Response<Body>, EndpointError> {
+pub(super) fn redirect(location: &str) -> Result<Response<Body>, EndpointError> {
     let loc = HeaderValue::try_from(location).map_err(|_| EndpointError::BadRequest("unusable redirect"))?;
     let mut resp = Response::new(crate::body::empty());
     *resp.status_mut() = StatusCode::FOUND;
@@ -309,7 +286,8 @@ async fn callback(
     };
     let now = unix_now();
     cookies.extend(s.cookies.clear(&s.cookies.login, &jar));
-    cookies.extend(s.cookies.set_session(&tokens.access_token, &RefreshCookie { rt, login: now }, now, &jar));
+    let session = s.new_session(rt, &tokens.access_token, tokens.id_token, now);
+    cookies.extend(s.cookies.set_session(&tokens.access_token, &session, now, &jar));
     redirect(&login.return_to)
 }
 

@@ -68,16 +68,18 @@ pub async fn renew(
     rc: &RefreshCookie,
     jar: &RequestCookies,
     sessions: &Arc<Sessions>,
-    broker: &Arc<RefreshBroker>,
+    cx: &super::SessionCtx<'_>,
     set_cookies: &mut Vec<HeaderValue>,
 ) -> Result<Arc<Fresh>, AuthError> {
     let cookies = &sessions.cookies;
     let now = unix_now();
-    if now > rc.login.saturating_add(sessions.settings.absolute_timeout.as_secs() as i64) {
+    let past_absolute = now > rc.login.saturating_add(sessions.settings.absolute_timeout.as_secs() as i64);
+    // Over (too old, or logged out): no call to the authorization server.
+    if past_absolute || super::ended(&cx.verifier.revocations, rc) {
         set_cookies.extend(cookies.clear_session(jar));
         return Err(AuthError::SessionOver);
     }
-    match broker.refresh(rc, sessions).await {
+    match cx.broker.refresh(rc, sessions).await {
         RefreshOutcome::Tokens(fresh) => {
             set_cookies.extend(cookies.set_session(&fresh.access_token, &fresh.refresh, now, jar));
             Ok(fresh)
@@ -208,7 +210,10 @@ async fn grant(sessions: &Sessions, metrics: &Metrics, rc: RefreshCookie) -> Ref
         Ok(t) => {
             let rotated = t.refresh_token.is_some();
             metrics.refresh(if rotated { "rotated" } else { "ok" });
-            let refresh = RefreshCookie { rt: t.refresh_token.unwrap_or(rc.rt), login: rc.login };
+            let refresh = match t.refresh_token {
+                Some(rt) => rc.rotated(rt),
+                None => rc,
+            };
             RefreshOutcome::Tokens(Arc::new(Fresh {
                 access_token: t.access_token,
                 refresh,
@@ -233,22 +238,16 @@ async fn grant(sessions: &Sessions, metrics: &Metrics, rc: RefreshCookie) -> Ref
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "k")]
 enum Stored {
-    Tokens { at: String, rt: String, login: i64, exp: Option<u64> },
+    Tokens { at: String, rc: RefreshCookie, exp: Option<u64> },
     Over,
     Error,
 }
 
 fn seal_outcome(sealer: &Sealer, outcome: &RefreshOutcome, grace: Duration) -> Option<Publish> {
     let (stored, ttl) = match outcome {
-        RefreshOutcome::Tokens(f) => (
-            Stored::Tokens {
-                at: f.access_token.clone(),
-                rt: f.refresh.rt.clone(),
-                login: f.refresh.login,
-                exp: f.expires_in,
-            },
-            grace,
-        ),
+        RefreshOutcome::Tokens(f) => {
+            (Stored::Tokens { at: f.access_token.clone(), rc: f.refresh.clone(), exp: f.expires_in }, grace)
+        }
         RefreshOutcome::SessionOver => (Stored::Over, grace),
         RefreshOutcome::Unavailable => (Stored::Error, ERROR_TTL),
     };
@@ -259,11 +258,9 @@ fn seal_outcome(sealer: &Sealer, outcome: &RefreshOutcome, grace: Duration) -> O
 fn open_outcome(sealer: &Sealer, sealed: &[u8]) -> Option<RefreshOutcome> {
     let plain = sealer.open(OUTCOME_CONTEXT, std::str::from_utf8(sealed).ok()?)?;
     Some(match serde_json::from_slice(&plain).ok()? {
-        Stored::Tokens { at, rt, login, exp } => RefreshOutcome::Tokens(Arc::new(Fresh {
-            access_token: at,
-            refresh: RefreshCookie { rt, login },
-            expires_in: exp,
-        })),
+        Stored::Tokens { at, rc, exp } => {
+            RefreshOutcome::Tokens(Arc::new(Fresh { access_token: at, refresh: rc, expires_in: exp }))
+        }
         Stored::Over => RefreshOutcome::SessionOver,
         Stored::Error => RefreshOutcome::Unavailable,
     })
