@@ -20,6 +20,8 @@
 //! - [`upstream`]: the echo upstream, misbehaving upstreams, streamed bodies;
 //! - [`idp`]: the test authorization server (JWKS, token minting, rotating refresh
 //!   tokens, outages) and the fixture keys;
+//! - [`introspect`]: the test RFC 7662 introspection endpoint (answers from a table
+//!   changed at runtime, outages on demand, every call recorded);
 //! - [`config`]: the `[[issuers]]` / `[auth_server]` / `[session]` tables as a builder;
 //! - [`session`]: the session suites' configuration, cookie jar and flows;
 //! - [`metrics`]: the one `/metrics` parser;
@@ -29,6 +31,7 @@
 pub mod client;
 pub mod config;
 pub mod idp;
+pub mod introspect;
 pub mod metrics;
 pub mod proxy;
 // Not `pub`: a glob import of the kit must not shadow the `redis` crate.
@@ -48,6 +51,7 @@ pub use client::{
 };
 pub use config::{api_route, session_table, Config, Table};
 pub use idp::{fixture, sign, JwksAnswer, Outage, TestIdp};
+pub use introspect::IntrospectionServer;
 pub use metrics::{metric, metrics, Metrics};
 pub use proxy::{
     portcullis, readyz, revocations, revoke, wait_ready, Finished, Instance, Proxy, ProxyProcess,
