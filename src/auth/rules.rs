@@ -11,7 +11,8 @@ use crate::route::prefix_matches;
 /// The rule deciding a request with `method` on the (normalised) `path`.
 pub fn decide<'a>(rules: &'a [RuleSettings], method: &Method, path: &str) -> Option<&'a RuleSettings> {
     rules.iter().find(|r| {
-        (r.methods.is_empty() || r.methods.contains(method))
+        // Case-insensitively: an upstream may read `post` as POST.
+        (r.methods.is_empty() || r.methods.iter().any(|m| m.as_str().eq_ignore_ascii_case(method.as_str())))
             && r.path_prefix.as_deref().is_none_or(|p| prefix_matches(p, path))
     })
 }
@@ -63,6 +64,7 @@ mod tests {
         assert_eq!(n("GET", "/orders/health"), Some(2));
         assert_eq!(n("DELETE", "/orders/health/deep"), Some(2));
         assert_eq!(n("GET", "/orders/1"), None);
+        assert_eq!(n("post", "/orders/admin/x"), Some(1));
     }
 
     #[test]

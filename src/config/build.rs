@@ -926,6 +926,8 @@ fn build_rules(
     route_auth: AuthMode,
 ) -> Vec<RuleSettings> {
     let mut out: Vec<RuleSettings> = Vec::new();
+    // Rules with their own errors shadow nothing: their broken parts were dropped.
+    let mut sound: Vec<bool> = Vec::new();
     for (i, rule) in r.rules.iter().enumerate() {
         let p = path.key("rules").index(i);
         let start = cx.p.list.len();
@@ -1015,7 +1017,7 @@ fn build_rules(
             RuleSettings { methods, path_prefix: prefix, action, number: i + 1, line: cx.p.line(&p) };
         if cx.p.list.len() == start {
             // Shadowed: an earlier rule matches every request this one would.
-            let covered = out.iter().find(|e| {
+            let covered = out.iter().zip(&sound).filter(|(_, ok)| **ok).map(|(e, _)| e).find(|e| {
                 let methods = e.methods.is_empty()
                     || (!setting.methods.is_empty() && setting.methods.iter().all(|m| e.methods.contains(m)));
                 let within = match (&e.path_prefix, &setting.path_prefix) {
@@ -1030,6 +1032,7 @@ fn build_rules(
                 cx.p.add(&p, format!("rule {} is shadowed by rule {}{at}, which matches every request it would: it can never decide", i + 1, e.number));
             }
         }
+        sound.push(cx.p.list.len() == start);
         out.push(setting);
     }
     out
