@@ -13,6 +13,8 @@ use tokio::time::Instant;
 pub struct Conn {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// Arrived on the forward-auth listener: requests are authorization subrequests.
+    pub forward_auth: bool,
     /// When the last request started, in ms since `opened` (idle timeouts, parking).
     last_request_ms: AtomicU64,
     /// Requests whose answer is not yet produced.
@@ -44,11 +46,17 @@ impl Conn {
         Self {
             peer,
             tls,
+            forward_auth: false,
             last_request_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             opened: Instant::now(),
             upgrade: Mutex::new(None),
         }
+    }
+
+    /// A connection of the forward-auth listener.
+    pub fn for_forward_auth(peer: SocketAddr) -> Self {
+        Self { forward_auth: true, ..Self::new(peer, false) }
     }
 
     /// Records that a request started now; it is in flight until the guard drops.

@@ -52,7 +52,11 @@ pub fn explain(config: &Config, request: &str) -> Result<String, String> {
     let issuers = if route.issuers.is_empty() { "none".to_owned() } else { route.issuers.join(", ") };
     let _ = writeln!(out, "auth: {mode}; issuers: {issuers}");
     let _ = writeln!(out, "decided by: {}", decision(route, &method, &path));
-    let _ = writeln!(out, "upstream: {}", upstream_urls(route, &path, uri.query()));
+    if route.upstreams.is_empty() {
+        let _ = writeln!(out, "upstream: none (forward auth only; on the proxy listeners: 404 no_route)");
+    } else {
+        let _ = writeln!(out, "upstream: {}", upstream_urls(route, &path, uri.query()));
+    }
     Ok(out)
 }
 

@@ -82,11 +82,7 @@ impl Forwarder {
             strip_prefix: route.strip_prefix,
             timeout: route.timeout,
             max_request_body: route.max_request_body,
-            identity: IdentityHeaders {
-                headers: route.identity_headers.clone(),
-                forward_token: route.forward_token,
-                mode: route.auth,
-            },
+            identity: IdentityHeaders::new(route),
             upstream: Upstream::new(&route.upstreams, &route.ca, route.connect_timeout)?,
         })
     }

@@ -34,6 +34,7 @@ pub(crate) mod error;
 pub mod explain;
 pub(crate) mod fleet;
 pub(crate) mod forward;
+pub(crate) mod forward_auth;
 pub(crate) mod metrics;
 pub(crate) mod oauth;
 pub(crate) mod proxy;

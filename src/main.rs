@@ -77,6 +77,12 @@ fn main() -> ExitCode {
                         eprintln!("warning: {w}");
                     }
                     println!("{}: ok", path.display());
+                    for r in config.routes.iter().filter(|r| r.upstreams.is_empty()) {
+                        println!(
+                            "route {}: forward auth only (no upstream; never matches on the proxy listeners)",
+                            r.name
+                        );
+                    }
                     if let Some(request) = explain {
                         match portcullis::explain::explain(&config, &request) {
                             Ok(text) => print!("{text}"),

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderName, HeaderValue};
-use http::{Request, Response};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::auth::{self, Admitted, AuthError, Claims, Credential};
@@ -22,6 +22,7 @@ use crate::config::{AuthMode, RuleAction};
 use crate::conn::Conn;
 use crate::error::ProxyError;
 use crate::forward::{identity, Tunnels};
+use crate::route::RouteTable;
 use crate::session::{csrf, endpoints, SessionCtx};
 use crate::state::{Route, Runtime, Snapshot};
 use crate::target::Target;
@@ -64,18 +65,126 @@ pub async fn handle(
     let mut record = Record::default();
     let resp = match pipeline(req, conn, snap, rt, &mut record).await {
         Ok(resp) => resp,
-        Err(e) => {
-            record.error = Some(e.code());
-            match &e {
-                ProxyError::Auth(a) => rt.metrics.rejection(a.code()),
-                ProxyError::RateLimited(l) => rt.metrics.rate_limited(&l.limit),
-                _ => {}
-            }
-            log_error(&e, record.route_name());
-            e.into_response()
-        }
+        Err(e) => failed(e, &mut record, rt),
     };
     finish(resp, record, request_id, &method, &uri, started, rt)
+}
+
+/// A forward-auth subrequest: the same stages as `handle` for the original
+/// request it describes, up to the decision; `200` with the identity headers
+/// instead of forwarding. Refusals are the answers a proxied request would get.
+pub async fn authorize_only(
+    mut req: Request<Incoming>,
+    conn: &Conn,
+    snap: &Snapshot,
+    rt: &Runtime,
+) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = request_id(&mut req);
+    let mut record = Record::default();
+    let (resp, method, uri) = match crate::forward_auth::read(&req, conn) {
+        Ok(original) => {
+            let resp = match decide_only(&req, &original, snap, rt, conn, &mut record).await {
+                Ok(resp) => resp,
+                Err(e) => failed(e, &mut record, rt),
+            };
+            (resp, original.method, original.target.uri().clone())
+        }
+        Err(why) => {
+            (failed(ProxyError::BadRequest(why), &mut record, rt), req.method().clone(), req.uri().clone())
+        }
+    };
+    let mut resp = resp;
+    crate::forward_auth::number_cookies(resp.headers_mut(), &record.set_cookies);
+    finish(resp, record, request_id, &method, &uri, started, rt)
+}
+
+async fn decide_only(
+    req: &Request<Incoming>,
+    original: &crate::forward_auth::Original,
+    snap: &Snapshot,
+    rt: &Runtime,
+    conn: &Conn,
+    record: &mut Record,
+) -> Result<Response<Body>, ProxyError> {
+    let target = &original.target;
+    let session = session_ctx(snap, rt);
+    let own = csrf::Own { tls: original.tls, authority: target.authority_str() };
+    let found = (&original.method, req.headers(), target, &snap.auth_routes);
+    let admitted = admit(found, conn, own, snap, rt, session.as_ref(), record).await?;
+    let route = record.route.as_ref().ok_or(ProxyError::NoRoute)?;
+    let mut resp = Response::new(crate::body::empty());
+    route.identity.write(resp.headers_mut(), &admitted);
+    Ok(resp)
+}
+
+fn session_ctx<'a>(snap: &'a Snapshot, rt: &'a Runtime) -> Option<SessionCtx<'a>> {
+    snap.sessions.as_ref().map(|sessions| SessionCtx {
+        sessions,
+        verifier: &rt.verifier,
+        broker: &rt.broker,
+        fleet: &rt.fleet,
+        metrics: &rt.metrics,
+    })
+}
+
+/// An error becomes its answer, counted and logged once.
+fn failed(e: ProxyError, record: &mut Record, rt: &Runtime) -> Response<Body> {
+    record.error = Some(e.code());
+    match &e {
+        ProxyError::Auth(a) => rt.metrics.rejection(a.code()),
+        ProxyError::RateLimited(l) => rt.metrics.rate_limited(&l.limit),
+        _ => {}
+    }
+    log_error(&e, record.route_name());
+    e.into_response()
+}
+
+/// What a request is routed and authenticated by: its method, headers, target
+/// and the routes it may match.
+type Asked<'a> = (&'a Method, &'a HeaderMap, &'a Target, &'a RouteTable<Arc<Route>>);
+
+/// Steps 3 and 4: the route, rate limits, the deciding rule (token-free outcomes
+/// first), then the credential (the Authorization header, else the session's,
+/// maybe refreshed, token) and its checks. The route is left in `record`.
+async fn admit(
+    (method, headers, target, routes): Asked<'_>,
+    conn: &Conn,
+    own: csrf::Own<'_>,
+    snap: &Snapshot,
+    rt: &Runtime,
+    session: Option<&SessionCtx<'_>>,
+    record: &mut Record,
+) -> Result<Admitted, ProxyError> {
+    let route = routes.find(target.authority_str(), target.path()).ok_or(ProxyError::NoRoute)?.clone();
+    record.route = Some(route.clone());
+    if !snap.rate_limits.is_empty() {
+        snap.rate_limits.before_auth(Some(&route.name), false, conn.peer.ip(), headers)?;
+    }
+    let policy = &route.policy;
+    let rule = policy.rule(method, target.path());
+    let admitted = match rule.map(|r| &r.action) {
+        Some(RuleAction::Deny) => {
+            return Err(
+                AuthError::Forbidden { rule: rule.map_or(0, |r| r.number), token_checked: false }.into()
+            )
+        }
+        Some(RuleAction::Public) => Admitted::anonymous(),
+        _ if policy.cors_preflight && is_preflight(method, headers) => Admitted::anonymous(),
+        _ => {
+            let mut credential = Credential::from_header(headers);
+            if let (Credential::None, Some(cx), true) = (&credential, session, policy.mode != AuthMode::None)
+            {
+                credential = cx.credential(method, headers, own, policy, &mut record.set_cookies).await?;
+            }
+            auth::authenticate(credential, policy, rule, &rt.verifier).await?
+        }
+    };
+    record.claims = admitted.claims().cloned();
+    if !snap.rate_limits.is_empty() {
+        snap.rate_limits.after_auth(&route.name, admitted.claims().map(|c| &**c))?;
+    }
+    Ok(admitted)
 }
 
 async fn pipeline(
@@ -89,13 +198,7 @@ async fn pipeline(
     let target = Target::read(&req).map_err(|e| ProxyError::BadRequest(e.description()))?;
     // 1. Identity headers are the proxy's alone, on every route.
     identity::strip_inbound(req.headers_mut(), &snap.identity_names);
-    let session = snap.sessions.as_ref().map(|sessions| SessionCtx {
-        sessions,
-        verifier: &rt.verifier,
-        broker: &rt.broker,
-        fleet: &rt.fleet,
-        metrics: &rt.metrics,
-    });
+    let session = session_ctx(snap, rt);
     // 2. The session endpoints answer themselves (login and callback after their limits).
     if let Some(cx) = &session {
         if let Some(ep) = endpoints::which(cx.sessions, target.path()) {
@@ -107,52 +210,25 @@ async fn pipeline(
             return Ok(endpoints::serve(ep, req, conn, &target, cx, &mut record.set_cookies).await?);
         }
     }
-    // 3. Route by host and path.
-    let route = snap.routes.find(target.authority_str(), target.path()).ok_or(ProxyError::NoRoute)?.clone();
-    record.route = Some(route.clone());
-    if !snap.rate_limits.is_empty() {
-        snap.rate_limits.before_auth(Some(&route.name), false, conn.peer.ip(), req.headers())?;
-    }
-    // 4. The rule that decides (token-free outcomes first), then the credential: the
-    //    Authorization header, else the session's (maybe refreshed) token.
-    let policy = &route.policy;
-    let rule = policy.rule(req.method(), target.path());
-    let admitted = match rule.map(|r| &r.action) {
-        Some(RuleAction::Deny) => {
-            return Err(
-                AuthError::Forbidden { rule: rule.map_or(0, |r| r.number), token_checked: false }.into()
-            )
-        }
-        Some(RuleAction::Public) => Admitted::anonymous(),
-        _ if policy.cors_preflight && is_preflight(&req) => Admitted::anonymous(),
-        _ => {
-            let mut credential = Credential::from_header(req.headers());
-            if let (Credential::None, Some(cx), true) = (&credential, &session, policy.mode != AuthMode::None)
-            {
-                let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
-                credential =
-                    cx.credential(req.method(), req.headers(), own, policy, &mut record.set_cookies).await?;
-            }
-            auth::authenticate(credential, policy, rule, &rt.verifier).await?
-        }
-    };
-    record.claims = admitted.claims().cloned();
-    if !snap.rate_limits.is_empty() {
-        snap.rate_limits.after_auth(&route.name, admitted.claims().map(|c| &**c))?;
-    }
-    // 5. Forward.
+    // 3–4. Route by host and path; the deciding rule, the credential, its checks.
+    let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
+    let asked = (req.method(), req.headers(), &target, &snap.routes);
+    let admitted = admit(asked, conn, own, snap, rt, session.as_ref(), record).await?;
+    let route = record.route.clone().ok_or(ProxyError::NoRoute)?;
+    // 5. Forward (proxy listeners only match routes with an upstream).
+    let forwarder = route.forwarder.as_ref().ok_or(ProxyError::NoRoute)?;
     let tunnels = Tunnels { revocations: &rt.verifier.revocations, metrics: &rt.metrics };
-    let sent = route.forwarder.send(req, &target, conn, &admitted, &snap.own_cookies, &tunnels).await?;
+    let sent = forwarder.send(req, &target, conn, &admitted, &snap.own_cookies, &tunnels).await?;
     record.upstream_time = Some(sent.upstream_time);
     Ok(sent.response)
 }
 
 /// A CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`,
 /// which browsers send without credentials by design.
-fn is_preflight(req: &Request<Incoming>) -> bool {
-    req.method() == http::Method::OPTIONS
-        && req.headers().contains_key(http::header::ORIGIN)
-        && req.headers().contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::OPTIONS
+        && headers.contains_key(http::header::ORIGIN)
+        && headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 /// Set-Cookie, request id, metrics and the access log: once per request, whatever happened.

@@ -37,7 +37,7 @@ pub async fn run(path: PathBuf) -> ExitCode {
         }
     };
     let addrs = server.addrs();
-    tracing::info!(http = ?addrs.http, https = ?addrs.https, admin = ?addrs.admin, config = %path.display(), "portcullis listening");
+    tracing::info!(http = ?addrs.http, https = ?addrs.https, admin = ?addrs.admin, forward_auth = ?addrs.forward_auth, config = %path.display(), "portcullis listening");
 
     let weak = Arc::downgrade(&server.runtime());
     tokio::spawn(crate::reload::watch(weak.clone(), path.clone(), Duration::from_secs(1)));

@@ -21,7 +21,7 @@ use crate::state::{BuildError, Runtime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr} (listen.{key})")]
+    #[error("cannot listen on {addr} ({key})")]
     Bind {
         key: &'static str,
         addr: SocketAddr,
@@ -40,6 +40,7 @@ pub struct Addrs {
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub forward_auth: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -47,6 +48,7 @@ pub(super) enum Kind {
     Http,
     Https,
     Admin,
+    ForwardAuth,
 }
 
 /// One proxy listener's sockets: one per worker, bound to the same address with
@@ -84,7 +86,12 @@ impl Server {
         let workers = worker_count();
         let mut proxy = Vec::new();
         let mut addrs = Addrs::default();
-        for (kind, key, addr) in [(Kind::Http, "http", listen.http), (Kind::Https, "https", listen.https)] {
+        let listeners = [
+            (Kind::Http, "listen.http", listen.http),
+            (Kind::Https, "listen.https", listen.https),
+            (Kind::ForwardAuth, "forward_auth.listen", listen.forward_auth),
+        ];
+        for (kind, key, addr) in listeners {
             let Some(addr) = addr else { continue };
             let err = |source| StartError::Bind { key, addr, source };
             let first = bind_listener(addr, workers > 1).map_err(err)?;
@@ -95,13 +102,14 @@ impl Server {
             }
             match kind {
                 Kind::Http => addrs.http = Some(local),
+                Kind::ForwardAuth => addrs.forward_auth = Some(local),
                 _ => addrs.https = Some(local),
             }
             proxy.push(Listener { kind, sockets, permits: Arc::new(Semaphore::new(max_connections)) });
         }
         let admin = match listen.admin {
             Some(addr) => {
-                let err = |source| StartError::Bind { key: "admin", addr, source };
+                let err = |source| StartError::Bind { key: "listen.admin", addr, source };
                 let l = bind_listener(addr, false).map_err(err)?;
                 addrs.admin = Some(l.local_addr().map_err(err)?);
                 Some(l)

@@ -15,6 +15,7 @@ use crate::auth::revocation::Revocations;
 use crate::auth::{jwt, Issuer, RoutePolicy, Verifier};
 use crate::config::{Config, Limits, Listen};
 use crate::fleet::Fleet;
+use crate::forward::identity::IdentityHeaders;
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::ratelimit::RateLimits;
@@ -25,13 +26,19 @@ use crate::session::Sessions;
 pub struct Route {
     pub name: String,
     pub policy: RoutePolicy,
-    pub forwarder: Forwarder,
+    /// `None` for a forward-auth-only route (no upstream).
+    pub forwarder: Option<Forwarder>,
+    /// What a forward-auth answer tells the front proxy about the caller.
+    pub identity: IdentityHeaders,
     pub metrics: Arc<RouteMetrics>,
 }
 
 /// One configuration, ready to serve.
 pub struct Snapshot {
+    /// The routes with an upstream: what the proxy listeners serve.
     pub routes: RouteTable<Arc<Route>>,
+    /// Every route: what the forward-auth listener authorizes.
+    pub auth_routes: RouteTable<Arc<Route>>,
     /// Every identity header name of every route, stripped from all inbound requests.
     pub identity_names: Vec<HeaderName>,
     pub issuers: HashMap<String, Arc<Issuer>>,
@@ -94,8 +101,13 @@ impl Snapshot {
             for (h, _) in &settings.identity_headers {
                 names.insert(h.clone());
             }
-            let forwarder = Forwarder::new(settings)
-                .map_err(|source| BuildError::UpstreamTls { route: settings.name.clone(), source })?;
+            let forwarder = match settings.upstreams.is_empty() {
+                true => None,
+                false => Some(
+                    Forwarder::new(settings)
+                        .map_err(|source| BuildError::UpstreamTls { route: settings.name.clone(), source })?,
+                ),
+            };
             let policy = RoutePolicy {
                 mode: settings.auth,
                 issuers: settings.issuers.iter().filter_map(|n| issuers.get(n).cloned()).collect(),
@@ -108,6 +120,7 @@ impl Snapshot {
                 name: settings.name.clone(),
                 policy,
                 forwarder,
+                identity: IdentityHeaders::new(settings),
                 metrics: metrics.route(&settings.name),
             };
             entries.push((settings.host.clone(), settings.path_prefix.clone(), Arc::new(route)));
@@ -130,8 +143,10 @@ impl Snapshot {
             }
             _ => None,
         };
+        let proxied = entries.iter().filter(|(_, _, r)| r.forwarder.is_some()).cloned().collect::<Vec<_>>();
         Ok(Self {
-            routes: RouteTable::new(entries),
+            routes: RouteTable::new(proxied),
+            auth_routes: RouteTable::new(entries),
             identity_names: names.into_iter().collect(),
             issuers,
             tls,

@@ -83,6 +83,26 @@ impl Target {
         Ok(Self { uri: uri.clone(), normalised, authority })
     }
 
+    /// The original request a forward-auth subrequest describes: its
+    /// origin-form target (`/path?query`) and its `Host`.
+    pub fn forwarded(target: &str, host: Option<&HeaderValue>) -> Result<Self, TargetError> {
+        if !target.starts_with('/') {
+            return Err(TargetError::NotAbsolute);
+        }
+        let uri: Uri = target.parse().map_err(|_| TargetError::NotAbsolute)?;
+        let normalised = match normalise_path(uri.path())? {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(p) => Some(p),
+        };
+        let authority = host.map(checked_authority).transpose()?;
+        Ok(Self { uri, normalised, authority })
+    }
+
+    /// The request target as sent.
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
     /// The normalised path.
     pub fn path(&self) -> &str {
         self.normalised.as_deref().unwrap_or_else(|| self.uri.path())

@@ -91,14 +91,18 @@ pub(super) fn build(
     let mut cx = Ctx { p: problems, base, env };
     let root = KeyPath::root();
 
-    let listen = build_listen(&mut cx, f.listen.unwrap_or_default(), f.tls.is_some());
+    let listen =
+        build_listen(&mut cx, f.listen.unwrap_or_default(), f.tls.is_some(), f.forward_auth.as_ref());
     let limits = build_limits(&mut cx, f.limits.unwrap_or_default());
     let tls = f.tls.and_then(|t| build_tls(&mut cx, t));
+    let auth_server = f.auth_server.and_then(|a| build_auth_server(&mut cx, a));
+    // An introspection call is an authorization-server call: `[auth_server] timeout` applies.
+    let as_timeout = auth_server.as_ref().map_or(Duration::from_secs(5), |a| a.timeout);
     let issuers: Vec<_> = f
         .issuers
         .iter()
         .enumerate()
-        .filter_map(|(i, is)| build_issuer(&mut cx, &root.key("issuers").index(i), is))
+        .filter_map(|(i, is)| build_issuer(&mut cx, &root.key("issuers").index(i), is, as_timeout))
         .collect();
     let mut seen = HashSet::new();
     for (i, is) in f.issuers.iter().enumerate() {
@@ -107,7 +111,6 @@ pub(super) fn build(
             cx.p.add(&root.key("issuers").index(i).key("name"), msg);
         }
     }
-    let auth_server = f.auth_server.and_then(|a| build_auth_server(&mut cx, a));
     let session = match f.session {
         Some(s) => {
             if auth_server.is_none() {
@@ -137,7 +140,7 @@ pub(super) fn build(
                 format!("route name \"{}\" is used twice; names must be unique", r.name),
             );
         }
-        if let Some(route) = build_route(&mut cx, &path, r, &issuer_names) {
+        if let Some(route) = build_route(&mut cx, &path, r, &issuer_names, listen.forward_auth.is_some()) {
             let place = (route.host.clone(), route.path_prefix.clone());
             if let Some(other) = places.insert(place, r.name.clone()) {
                 cx.p.add(
@@ -179,24 +182,33 @@ pub(super) fn build(
     })
 }
 
-fn build_listen(cx: &mut Ctx<'_, '_>, l: file::Listen, has_tls: bool) -> Listen {
+fn build_listen(
+    cx: &mut Ctx<'_, '_>,
+    l: file::Listen,
+    has_tls: bool,
+    forward_auth: Option<&file::ForwardAuth>,
+) -> Listen {
     let path = KeyPath::root().key("listen");
-    let mut addr = |key: &str, v: &Option<String>| {
-        v.as_ref().and_then(|s| match s.parse::<SocketAddr>() {
+    let mut addr = |at: &KeyPath, v: Option<&String>| {
+        v.and_then(|s| match s.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
                 let msg = format!("\"{s}\" is not an address; write IP:PORT, e.g. \"127.0.0.1:8080\"");
-                cx.p.add(&path.key(key), msg);
+                cx.p.add(at, msg);
                 None
             }
         })
     };
     let out = Listen {
-        http: addr("http", &l.http),
-        https: addr("https", &l.https),
-        admin: addr("admin", &l.admin),
+        http: addr(&path.key("http"), l.http.as_ref()),
+        https: addr(&path.key("https"), l.https.as_ref()),
+        admin: addr(&path.key("admin"), l.admin.as_ref()),
+        forward_auth: addr(
+            &KeyPath::root().key("forward_auth").key("listen"),
+            forward_auth.map(|f| &f.listen),
+        ),
     };
-    if l.http.is_none() && l.https.is_none() {
+    if l.http.is_none() && l.https.is_none() && forward_auth.is_none() {
         cx.p.add(&path, "set listen.http or listen.https (at least one listener is needed)");
     }
     if l.https.is_some() && !has_tls {
@@ -258,7 +270,12 @@ fn build_tls(cx: &mut Ctx<'_, '_>, t: file::Tls) -> Option<TlsSettings> {
     Some(TlsSettings { default: default?, sni })
 }
 
-fn build_issuer(cx: &mut Ctx<'_, '_>, path: &KeyPath, is: &file::Issuer) -> Option<IssuerSettings> {
+fn build_issuer(
+    cx: &mut Ctx<'_, '_>,
+    path: &KeyPath,
+    is: &file::Issuer,
+    as_timeout: Duration,
+) -> Option<IssuerSettings> {
     let sources = [
         is.jwks_url.is_some(),
         is.jwks_file.is_some(),
@@ -302,8 +319,10 @@ fn build_issuer(cx: &mut Ctx<'_, '_>, path: &KeyPath, is: &file::Issuer) -> Opti
     if is.issuer.is_empty() {
         cx.p.add(&path.key("issuer"), "must not be empty: it is the required value of `iss`");
     }
-    let introspection =
-        is.introspection.as_ref().and_then(|i| build_introspection(cx, &path.key("introspection"), i));
+    let introspection = is
+        .introspection
+        .as_ref()
+        .and_then(|i| build_introspection(cx, &path.key("introspection"), i, as_timeout));
     let source = if sources.iter().all(|s| !*s) && is.introspection.is_some() {
         // Opaque tokens only: no JWT keys to find.
         KeySource::Static(Arc::new(KeySet::default()))
@@ -410,6 +429,7 @@ fn build_introspection(
     cx: &mut Ctx<'_, '_>,
     path: &KeyPath,
     i: &file::Introspection,
+    default_timeout: Duration,
 ) -> Option<IntrospectionSettings> {
     let url = cx.url(&path.key("url"), &i.url);
     let (client_auth, client_secret) =
@@ -418,7 +438,7 @@ fn build_introspection(
         cx.p.add(&path.key("client_id"), "must not be empty");
     }
     let cache = cx.duration(&path.key("cache"), &i.cache, Duration::from_secs(60));
-    let timeout = cx.duration(&path.key("timeout"), &i.timeout, Duration::from_secs(5));
+    let timeout = cx.duration(&path.key("timeout"), &i.timeout, default_timeout);
     Some(IntrospectionSettings {
         url: url?,
         client_id: i.client_id.clone(),
@@ -643,6 +663,7 @@ fn build_route(
     path: &KeyPath,
     r: &file::Route,
     issuers: &[IssuerInfo<'_>],
+    forward_auth: bool,
 ) -> Option<RouteSettings> {
     let start = cx.p.list.len();
     let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
@@ -679,8 +700,10 @@ fn build_route(
             cx.p.add(&path.key("upstreams"), "set either upstream or upstreams, not both");
             vec![]
         }
+        // Forward-auth only: the front proxy forwards, this route only authorizes.
+        (None, None) if forward_auth => vec![],
         _ => {
-            cx.p.add(path, "set upstream = \"http://host:port\" (or upstreams = [...])");
+            cx.p.add(path, "set upstream = \"http://host:port\" (or upstreams = [...]); only with [forward_auth] may a route have none");
             vec![]
         }
     };

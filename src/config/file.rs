@@ -17,10 +17,17 @@ pub struct File {
     pub auth_server: Option<AuthServer>,
     pub session: Option<Session>,
     pub state: Option<State>,
+    pub forward_auth: Option<ForwardAuth>,
     #[serde(default)]
     pub rate_limits: Vec<RateLimit>,
     #[serde(default)]
     pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuth {
+    pub listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,7 +103,7 @@ pub struct Introspection {
     pub client_auth: Option<String>,
     /// How long an active answer is reused (never past the token's `exp`); default 60s.
     pub cache: Option<String>,
-    /// Time allowed for the introspection call; default 5s.
+    /// Time allowed for the introspection call; default `[auth_server] timeout`, else 5s.
     pub timeout: Option<String>,
 }
 

@@ -34,6 +34,8 @@ pub struct Listen {
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// `[forward_auth] listen`: answers another proxy's auth subrequests.
+    pub forward_auth: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]

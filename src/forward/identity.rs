@@ -45,6 +45,10 @@ pub struct IdentityHeaders {
 }
 
 impl IdentityHeaders {
+    pub fn new(route: &crate::config::RouteSettings) -> Self {
+        Self { headers: route.identity_headers.clone(), forward_token: route.forward_token, mode: route.auth }
+    }
+
     /// Writes identity headers (and the bearer token) for the upstream; inbound
     /// copies were already stripped by `strip_inbound`.
     pub fn write(&self, headers: &mut HeaderMap, admitted: &Admitted) {

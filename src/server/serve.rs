@@ -68,13 +68,16 @@ pub(super) async fn serve_connection(
             let conn = http1(limits).serve_connection(TokioIo::new(stream), svc);
             drive(conn, |_| {}, None, force, None).await;
         }
-        Kind::Http => {
+        Kind::Http | Kind::ForwardAuth => {
             // Before its first request a connection is idle: shutdown simply drops it.
             let detected = tokio::select! {
                 d = guard::detect(stream, limits.header_read_timeout) => d,
                 _ = stopped(&mut stop) => return,
             };
-            let conn = Arc::new(Conn::new(peer, false));
+            let conn = Arc::new(match kind {
+                Kind::ForwardAuth => Conn::for_forward_auth(peer),
+                _ => Conn::new(peer, false),
+            });
             match detected {
                 // Boxed, so a connection's task is only as large as the protocol it speaks.
                 guard::Detected::Http1(io, head) => {
@@ -313,7 +316,10 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ProxyServ
             let _in_flight = conn.request_started();
             // Each request keeps the configuration it started with, even across a reload.
             let snap = shared.current.load_full();
-            Ok(crate::proxy::handle(req, &conn, &snap, &shared).await)
+            Ok(match conn.forward_auth {
+                false => crate::proxy::handle(req, &conn, &snap, &shared).await,
+                true => crate::proxy::authorize_only(req, &conn, &snap, &shared).await,
+            })
         })
     }
 }

@@ -19,6 +19,7 @@ mod csrf;
 mod discovery;
 mod explain;
 mod fleet;
+mod forward_auth;
 mod forwarding;
 mod identity_headers;
 mod introspection;

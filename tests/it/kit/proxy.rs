@@ -121,6 +121,10 @@ impl Proxy {
         self.addrs.admin.expect("config has listen.admin")
     }
 
+    pub fn forward_auth_addr(&self) -> SocketAddr {
+        self.addrs.forward_auth.expect("config has [forward_auth] listen")
+    }
+
     /// Starts the graceful shutdown; the handle resolves when `Server::run` returned.
     pub fn begin_shutdown(&mut self) -> JoinHandle<()> {
         if let Some(stop) = self.stop.take() {
