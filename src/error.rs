@@ -54,7 +54,49 @@ impl ProxyError {
 
     pub fn into_response(self) -> Response<Body> {
         let code = self.code();
-        let (status, description, www) = match &self {
+        let (status, description, www) = self.answer();
+        let mut resp = error_body(status, code, &description);
+        if let Some(www) = www.and_then(|w| HeaderValue::try_from(w).ok()) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, www);
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if let ProxyError::RateLimited(l) = &self {
+            let secs = l.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+
+    /// The answer to a gRPC request: HTTP 200, trailers-only, with the gRPC status
+    /// for the HTTP one (SPEC §4 "HTTP/2 upstreams and gRPC") and the description.
+    pub fn into_grpc_response(self) -> Response<Body> {
+        let (status, description, www) = self.answer();
+        let grpc_status: u16 = match status.as_u16() {
+            400 => 3,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            413 => 8,
+            _ => 14,
+        };
+        let mut resp = Response::new(crate::body::empty());
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(grpc_status));
+        if let Ok(v) = HeaderValue::try_from(grpc_message(&format!("{}: {description}", self.code()))) {
+            h.insert("grpc-message", v);
+        }
+        if let Some(www) = www.and_then(|w| HeaderValue::try_from(w).ok()) {
+            h.insert(header::WWW_AUTHENTICATE, www);
+        }
+        resp
+    }
+
+    /// The status, description and `WWW-Authenticate` challenge of the answer.
+    fn answer(&self) -> (StatusCode, String, Option<String>) {
+        match self {
             ProxyError::NoRoute => {
                 (StatusCode::NOT_FOUND, "no route matches this host and path".to_owned(), None)
             }
@@ -130,20 +172,21 @@ impl ProxyError {
                     token_checked.then(|| "Bearer realm=\"portcullis\"".to_owned()),
                 ),
             },
-        };
-        let mut resp = error_body(status, code, &description);
-        if let Some(www) = www.and_then(|w| HeaderValue::try_from(w).ok()) {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, www);
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        }
-        if let ProxyError::RateLimited(l) = &self {
-            let secs = l.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
     }
+}
+
+/// gRPC's `grpc-message` encoding: percent-encoded outside printable ASCII, and `%`.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -65,6 +65,7 @@ pub struct Forwarder {
     max_request_body: Option<u64>,
     identity: IdentityHeaders,
     upstream: Upstream,
+    h2: bool,
 }
 
 /// What happened upstream, for the access log and metrics.
@@ -83,7 +84,8 @@ impl Forwarder {
             timeout: route.timeout,
             max_request_body: route.max_request_body,
             identity: IdentityHeaders::new(route),
-            upstream: Upstream::new(&route.upstreams, &route.ca, route.connect_timeout)?,
+            upstream: Upstream::new(&route.upstreams, &route.ca, route.connect_timeout, route.upstream_h2)?,
+            h2: route.upstream_h2,
         })
     }
 
@@ -119,7 +121,9 @@ impl Forwarder {
             }
         }
 
-        let upgrade = headers::upgrade_protocol(req.headers());
+        // An HTTP/2 upstream takes no HTTP/1.1 upgrade.
+        let upgrade = if self.h2 { None } else { headers::upgrade_protocol(req.headers()) };
+        let te_trailers = self.h2 && headers::asks_trailers(req.headers());
 
         let (mut parts, body) = req.into_parts();
         // The client's own origin-form target goes out unchanged when nothing
@@ -136,6 +140,10 @@ impl Forwarder {
         let h = &mut parts.headers;
         headers::remove_hop_by_hop(h);
         h.insert(header::HOST, backend.host().clone());
+        if te_trailers {
+            // The one TE value HTTP/2 allows; gRPC servers insist on it.
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(proto) = &upgrade {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             h.insert(header::UPGRADE, proto.clone());

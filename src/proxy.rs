@@ -63,9 +63,10 @@ pub async fn handle(
     let method = req.method().clone();
     let uri = req.uri().clone();
     let mut record = Record::default();
+    let grpc = is_grpc(req.headers());
     let resp = match pipeline(req, conn, snap, rt, &mut record).await {
         Ok(resp) => resp,
-        Err(e) => failed(e, &mut record, rt),
+        Err(e) => failed(e, &mut record, rt, grpc),
     };
     finish(resp, record, request_id, &method, &uri, started, rt)
 }
@@ -86,12 +87,13 @@ pub async fn authorize_only(
         Ok(original) => {
             let resp = match decide_only(&req, &original, snap, rt, conn, &mut record).await {
                 Ok(resp) => resp,
-                Err(e) => failed(e, &mut record, rt),
+                Err(e) => failed(e, &mut record, rt, false),
             };
             (resp, original.method, original.target.uri().clone())
         }
         Err(why) => {
-            (failed(ProxyError::BadRequest(why), &mut record, rt), req.method().clone(), req.uri().clone())
+            let resp = failed(ProxyError::BadRequest(why), &mut record, rt, false);
+            (resp, req.method().clone(), req.uri().clone())
         }
     };
     let mut resp = resp;
@@ -128,8 +130,18 @@ fn session_ctx<'a>(snap: &'a Snapshot, rt: &'a Runtime) -> Option<SessionCtx<'a>
     })
 }
 
-/// An error becomes its answer, counted and logged once.
-fn failed(e: ProxyError, record: &mut Record, rt: &Runtime) -> Response<Body> {
+/// A gRPC request (`content-type: application/grpc`, `application/grpc+proto`, …).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        let b = v.as_bytes();
+        b.len() >= 16
+            && b[..16].eq_ignore_ascii_case(b"application/grpc")
+            && matches!(b.get(16), None | Some(b'+' | b';'))
+    })
+}
+
+/// An error becomes its answer (a gRPC one for gRPC requests), counted and logged once.
+fn failed(e: ProxyError, record: &mut Record, rt: &Runtime, grpc: bool) -> Response<Body> {
     record.error = Some(e.code());
     match &e {
         ProxyError::Auth(a) => rt.metrics.rejection(a.code()),
@@ -137,7 +149,11 @@ fn failed(e: ProxyError, record: &mut Record, rt: &Runtime) -> Response<Body> {
         _ => {}
     }
     log_error(&e, record.route_name());
-    e.into_response()
+    if grpc {
+        e.into_grpc_response()
+    } else {
+        e.into_response()
+    }
 }
 
 /// What a request is routed and authenticated by: its method, headers, target

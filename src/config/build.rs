@@ -776,14 +776,14 @@ fn build_route(
         .max_tunnel_lifetime
         .as_ref()
         .map(|v| cx.duration(&path.key("max_tunnel_lifetime"), &Some(v.clone()), Duration::ZERO));
-    if let Some(p) = r.upstream_protocol.as_deref() {
-        if p != "http1" {
-            cx.p.add(
-                &path.key("upstream_protocol"),
-                format!("\"{p}\": only \"http1\" is available in this version"),
-            );
+    let upstream_h2 = match r.upstream_protocol.as_deref() {
+        None | Some("http1") => false,
+        Some("h2") => true,
+        Some(p) => {
+            cx.p.add(&path.key("upstream_protocol"), format!("\"{p}\" is not one of \"http1\", \"h2\""));
+            false
         }
-    }
+    };
     let max_request_body = r
         .max_request_body
         .as_ref()
@@ -834,6 +834,7 @@ fn build_route(
         forward_token: r.forward_token.unwrap_or(true),
         cors_preflight,
         max_tunnel_lifetime,
+        upstream_h2,
         identity_headers,
         rules,
         line: cx.p.line(path),

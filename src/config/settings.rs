@@ -208,6 +208,8 @@ pub struct RouteSettings {
     pub cors_preflight: bool,
     /// Upgrade tunnels are closed after this long.
     pub max_tunnel_lifetime: Option<Duration>,
+    /// `upstream_protocol = "h2"`: HTTP/2 to the upstream (ALPN over https, prior knowledge over http).
+    pub upstream_h2: bool,
     pub identity_headers: Vec<(HeaderName, String)>,
     pub rules: Vec<RuleSettings>,
     /// The `[[routes]]` table's line, for `check --explain`.

@@ -8,6 +8,10 @@
 //! an upgrade or an error closes it. A request that a pooled connection refused
 //! before sending a byte (the upstream closed it meanwhile) is retried once on a
 //! fresh connection.
+//!
+//! With `upstream_protocol = "h2"` each worker instead keeps one HTTP/2
+//! connection per upstream and multiplexes its requests on it (a new one when
+//! it closes), so many client connections share a handful of upstream ones.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -23,7 +27,8 @@ use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -44,7 +49,7 @@ pub enum UpstreamError {
     ConnectTimeout,
     #[error("TLS handshake failed")]
     Tls(#[source] std::io::Error),
-    #[error("HTTP/1.1 handshake failed")]
+    #[error("HTTP handshake failed")]
     Handshake(#[source] hyper::Error),
     #[error("the exchange failed")]
     Exchange(#[source] hyper::Error),
@@ -137,7 +142,12 @@ pub struct Backend {
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     connect_timeout: Duration,
     pool: Arc<Pool>,
+    /// HTTP/2: this worker's multiplexed connection, once made.
+    h2: Option<H2Shards>,
 }
+
+/// One slot per worker for its HTTP/2 connection to an upstream.
+type H2Shards = Box<[Mutex<Option<http2::SendRequest<Body>>>]>;
 
 impl Backend {
     /// The origin-form target for `path` (already normalised) and `query` (as sent).
@@ -162,6 +172,13 @@ impl Backend {
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, UpstreamError> {
+        match self.tls_stream().await? {
+            Stream::Plain(tcp) => handshake(tcp).await,
+            Stream::Tls(tls) => handshake(tls).await,
+        }
+    }
+
+    async fn tls_stream(&self) -> Result<Stream, UpstreamError> {
         let establish = async {
             let tcp = TcpStream::connect(&self.addr).await.map_err(UpstreamError::Connect)?;
             let _ = tcp.set_nodelay(true);
@@ -171,20 +188,68 @@ impl Backend {
             .await
             .map_err(|_| UpstreamError::ConnectTimeout)??;
         match &self.tls {
-            None => handshake(tcp).await,
+            None => Ok(Stream::Plain(tcp)),
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name.clone(), tcp))
                     .await
                     .map_err(|_| UpstreamError::ConnectTimeout)?
                     .map_err(UpstreamError::Tls)?;
-                handshake(tls).await
+                Ok(Stream::Tls(Box::new(tls)))
             }
         }
+    }
+
+    /// Sends `req` over this worker's HTTP/2 connection, making one when there
+    /// is none (or it has closed); a request the old connection refused unsent
+    /// goes once more on a new one.
+    async fn send_h2(
+        &self,
+        shards: &[Mutex<Option<http2::SendRequest<Body>>>],
+        req: Request<Body>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let shard = &shards[SHARD.with(|s| s.get()) % shards.len()];
+        let mut req = self.h2_request(req);
+        let cached = shard.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|s| !s.is_closed());
+        if let Some(mut sender) = cached {
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|inner| PooledBody { inner, give_back: None })),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(UpstreamError::Exchange(e.into_error())),
+                },
+            }
+        }
+        let mut sender = match self.tls_stream().await? {
+            Stream::Plain(tcp) => handshake_h2(tcp).await?,
+            Stream::Tls(tls) => handshake_h2(tls).await?,
+        };
+        *shard.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        let resp = sender.send_request(req).await.map_err(UpstreamError::Exchange)?;
+        Ok(resp.map(|inner| PooledBody { inner, give_back: None }))
+    }
+
+    /// HTTP/2 names the target in `:scheme` and `:authority`, not in `Host`.
+    fn h2_request(&self, req: Request<Body>) -> Request<Body> {
+        let (mut parts, body) = req.into_parts();
+        parts.version = http::Version::HTTP_2;
+        parts.headers.remove(http::header::HOST);
+        let scheme = if self.tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(scheme);
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query = parts.uri.path_and_query().cloned().or(Some(PathAndQuery::from_static("/")));
+        if let Ok(u) = http::Uri::from_parts(uri) {
+            parts.uri = u;
+        }
+        Request::from_parts(parts, body)
     }
 
     /// Sends `req` on a pooled connection (or a new one), returning the response
     /// with a body that gives the connection back to the pool once read to the end.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<PooledBody>, UpstreamError> {
+        if let Some(shards) = &self.h2 {
+            return self.send_h2(shards, req).await;
+        }
         let mut req = req;
         if let Some(mut sender) = self.pool.take() {
             match sender.try_send_request(req).await {
@@ -207,6 +272,35 @@ impl Backend {
         let give_back = keep.then(|| (sender, self.pool.clone()));
         resp.map(|inner| PooledBody { inner, give_back })
     }
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// HTTP/2 keep-alive to the upstream: a PING every interval, the connection
+/// dropped when one goes unanswered.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn handshake_h2<IO>(io: IO) -> Result<http2::SendRequest<Body>, UpstreamError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 async fn handshake<IO>(io: IO) -> Result<SendRequest<Body>, UpstreamError>
@@ -282,6 +376,7 @@ impl Upstream {
         upstreams: &[http::Uri],
         ca: &[CertificateDer<'static>],
         connect_timeout: Duration,
+        h2: bool,
     ) -> Result<Self, rustls::Error> {
         let mut tls_config = None;
         let mut backends = Vec::with_capacity(upstreams.len());
@@ -295,8 +390,8 @@ impl Upstream {
                     Some(c) => Arc::clone(c),
                     None => {
                         let mut c = crate::tls::client_config(ca)?;
-                        // HTTP/1.1 only, so `Upgrade` works end to end.
-                        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                        // HTTP/1.1 only unless asked for HTTP/2, so `Upgrade` works end to end.
+                        c.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
                         let c = Arc::new(c);
                         tls_config = Some(c.clone());
                         c
@@ -318,6 +413,7 @@ impl Upstream {
                 tls,
                 connect_timeout,
                 pool: Arc::new(Pool::new()),
+                h2: h2.then(|| (0..shards()).map(|_| Mutex::new(None)).collect()),
             });
         }
         Ok(Self { backends, next: AtomicUsize::new(0) })
