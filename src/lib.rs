@@ -30,6 +30,7 @@ pub(crate) mod body;
 pub(crate) mod clock;
 pub mod config;
 pub(crate) mod conn;
+pub mod demo;
 pub(crate) mod error;
 pub mod explain;
 pub(crate) mod fleet;

@@ -1,4 +1,4 @@
-//! Command line only: `run`, `check`, `keygen`. Exit 0 ok, 1 bad configuration or
+//! Command line only: `run`, `check`, `keygen`, `demo`, `schema`. Exit 0 ok, 1 bad configuration or
 //! failed start, 2 usage error.
 
 use std::path::PathBuf;
@@ -44,6 +44,15 @@ enum Command {
     },
     /// Print a fresh random cookie key (base64, 32 bytes).
     Keygen,
+    /// The whole product on 127.0.0.1: the proxy, a demo identity provider, an echo API and the example SPA.
+    Demo {
+        /// The proxy's port (the other parts take free ports).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Print the generated configuration.
+        #[arg(long)]
+        print_config: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -102,14 +111,23 @@ fn main() -> ExitCode {
         }
         Command::Run { config } => {
             let path = config_path(config);
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
+            let Some(runtime) = runtime() else { return ExitCode::from(1) };
             runtime.block_on(portcullis::run::run(path))
+        }
+        Command::Demo { port, print_config } => {
+            let Some(runtime) = runtime() else { return ExitCode::from(1) };
+            runtime.block_on(portcullis::demo::demo(portcullis::demo::Options { port, print_config }))
+        }
+    }
+}
+
+/// The main thread's runtime (workers have their own): admin, reload, background work.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            None
         }
     }
 }

@@ -30,6 +30,7 @@
   function show(label, result) {
     $('out').textContent = `${label}\n→ ${result.status}\n${JSON.stringify(result.body, null, 2)}`;
     if (result.status === 401) setStatus('signed-out', 'Not signed in (the API answered 401). Use “Log in”.');
+    showCookies();
     return result;
   }
 
@@ -82,6 +83,32 @@
   }));
   $('refresh').addEventListener('click', () => refresh());
   $('logout').addEventListener('click', () => logout());
+  $('storm').addEventListener('click', () => parallel(20).then(showIdp));
+  // RP-initiated logout: a navigation, so the identity provider can end its session too.
+  $('logout-everywhere').addEventListener('click', () => location.assign('/auth/logout'));
+
+  /** The proof that the tokens are out of reach: the cookies this script can read. */
+  function showCookies() {
+    const visible = document.cookie;
+    $('cookies').textContent = visible
+      ? `What JavaScript sees in document.cookie: ${visible}`
+      : 'What JavaScript sees in document.cookie: nothing (the session cookies are HttpOnly).';
+  }
+
+  /** Under `portcullis demo`: the demo identity provider's counters (one refresh per storm). */
+  async function showIdp() {
+    try {
+      const demo = await (await fetch('/demo.json')).json();
+      const s = await (await fetch(`${demo.idp}/stats`)).json();
+      $('idp').hidden = false;
+      $('idp').textContent = `Identity provider (${demo.idp}): ${s.logins} login(s), ${s.refresh_grants} refresh grant(s), `
+        + `${s.reuse_detected} reused refresh token(s), ${s.backchannel_logouts} back-channel logout(s).`;
+    } catch {
+      /* not the demo */
+    }
+  }
+  showCookies();
+  showIdp();
 
   window.spa = { call, api, login, refresh, logout, parallel };
   window.spa.ready = api('/api/me').catch((e) => setStatus('unknown', `API unreachable: ${e}`));

@@ -16,6 +16,7 @@ mod kit;
 mod config_errors;
 mod cookies;
 mod csrf;
+mod demo;
 mod discovery;
 mod explain;
 mod fleet;
