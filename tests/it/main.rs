@@ -23,6 +23,7 @@ mod identity_headers;
 mod jwks_lifecycle;
 mod jwt_attacks;
 mod login;
+mod logout;
 mod logs_have_no_secrets;
 mod operations;
 mod rate_limits;
