@@ -18,8 +18,8 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Rejected {
-    Invalid(InvalidReason),
+pub enum Rejected<R = InvalidReason> {
+    Invalid(R),
     /// The token names a `kid` the key set does not hold; a refetch may help.
     UnknownKid,
 }
@@ -143,22 +143,81 @@ pub const BACKCHANNEL_EVENT: &str = "http://schemas.openid.net/event/backchannel
 /// How long after `iat` a logout token without `exp` is still taken.
 pub const LOGOUT_TOKEN_MAX_AGE: i64 = 300;
 
-/// Why a logout token was refused (the label is a metric's `reason`).
+/// Why a logout token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogoutRefusal {
+    /// A check it shares with access tokens: header, signature, `iss`, `aud`, times.
+    Token(InvalidReason),
+    NoIat,
+    NoJti,
+    NoEvent,
+    Nonce,
+    NoSubject,
+}
+
+impl LogoutRefusal {
+    /// The `reason` label of `portcullis_logout_tokens_rejected_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            LogoutRefusal::Token(r) => match r {
+                InvalidReason::Malformed => "malformed",
+                InvalidReason::TooLarge => "too_large",
+                InvalidReason::AlgorithmNotAllowed => "algorithm_not_allowed",
+                InvalidReason::UnknownKey => "unknown_key",
+                InvalidReason::BadSignature => "bad_signature",
+                InvalidReason::WrongIssuer => "wrong_issuer",
+                InvalidReason::Expired => "expired",
+                InvalidReason::IssuedInFuture => "issued_in_future",
+                InvalidReason::WrongAudience => "wrong_audience",
+                InvalidReason::WrongType => "wrong_type",
+                InvalidReason::UnsupportedCritical => "unsupported_critical",
+                _ => "invalid",
+            },
+            LogoutRefusal::NoIat => "missing_iat",
+            LogoutRefusal::NoJti => "missing_jti",
+            LogoutRefusal::NoEvent => "missing_event",
+            LogoutRefusal::Nonce => "nonce",
+            LogoutRefusal::NoSubject => "missing_sub_and_sid",
+        }
+    }
+
+    /// The `error_description` of the `400 invalid_request`.
+    pub fn description(self) -> &'static str {
+        match self {
+            LogoutRefusal::Token(InvalidReason::WrongType) => "the token is not a logout token",
+            LogoutRefusal::Token(InvalidReason::WrongAudience) => {
+                "the logout token is not meant for this client"
+            }
+            LogoutRefusal::Token(r) => r.description(),
+            LogoutRefusal::NoIat => "the logout token has no iat",
+            LogoutRefusal::NoJti => "the logout token has no jti",
+            LogoutRefusal::NoEvent => "the logout token does not carry the back-channel logout event",
+            LogoutRefusal::Nonce => "a logout token must not carry a nonce",
+            LogoutRefusal::NoSubject => "the logout token names neither sub nor sid",
+        }
+    }
+}
+
+/// Verifies a logout token per OpenID Connect Back-Channel Logout 1.0 §2.6.
 pub fn verify_logout(
     token: &str,
     policy: &Policy,
     keys: &KeySet,
     client_id: &str,
     now: i64,
-) -> Result<LogoutToken, Rejected> {
-    use Rejected::Invalid;
+) -> Result<LogoutToken, Rejected<LogoutRefusal>> {
+    let invalid = |r: InvalidReason| Rejected::Invalid(LogoutRefusal::Token(r));
+    let refused = |r: LogoutRefusal| Rejected::Invalid(r);
     if token.len() > MAX_TOKEN_BYTES {
-        return Err(Invalid(InvalidReason::TooLarge));
+        return Err(invalid(InvalidReason::TooLarge));
     }
-    let header = header_of_type(token, &["jwt", "logout+jwt"]).map_err(Invalid)?;
-    let all = verified_payload(token, &header, policy, keys)?;
+    let header = header_of_type(token, &["jwt", "logout+jwt"]).map_err(invalid)?;
+    let all = verified_payload(token, &header, policy, keys).map_err(|e| match e {
+        Rejected::Invalid(r) => invalid(r),
+        Rejected::UnknownKid => Rejected::UnknownKid,
+    })?;
     if all.get("iss").and_then(Value::as_str) != Some(policy.issuer.as_str()) {
-        return Err(Invalid(InvalidReason::WrongIssuer));
+        return Err(invalid(InvalidReason::WrongIssuer));
     }
     let aud_ok = match all.get("aud") {
         Some(Value::String(a)) => a == client_id,
@@ -166,29 +225,34 @@ pub fn verify_logout(
         _ => false,
     };
     if !aud_ok {
-        return Err(Invalid(InvalidReason::WrongAudience));
+        return Err(invalid(InvalidReason::WrongAudience));
     }
-    let iat = time_claim(&all, "iat").map_err(Invalid)?.ok_or(Invalid(InvalidReason::Malformed))?;
+    let iat = time_claim(&all, "iat").map_err(invalid)?.ok_or(refused(LogoutRefusal::NoIat))?;
     if iat > now.saturating_add(policy.leeway) {
-        return Err(Invalid(InvalidReason::IssuedInFuture));
+        return Err(invalid(InvalidReason::IssuedInFuture));
     }
-    let stale_at = match time_claim(&all, "exp").map_err(Invalid)? {
+    let stale_at = match time_claim(&all, "exp").map_err(invalid)? {
         Some(exp) => exp.saturating_add(policy.leeway),
         None => iat.saturating_add(LOGOUT_TOKEN_MAX_AGE),
     };
     if now > stale_at {
-        return Err(Invalid(InvalidReason::Expired));
+        return Err(invalid(InvalidReason::Expired));
     }
-    let jti = id_claim(all.get("jti")).ok_or(Invalid(InvalidReason::Malformed))?;
+    // An empty identifier is no identifier (every empty `jti` would be the same one).
+    let present = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let jti = present(id_claim(all.get("jti"))).ok_or(refused(LogoutRefusal::NoJti))?;
     let event = all.get("events").and_then(|e| e.get(BACKCHANNEL_EVENT)).is_some_and(Value::is_object);
-    // A logout token is never an ID token: a nonce would make it one.
-    if !event || all.contains_key("nonce") {
-        return Err(Invalid(InvalidReason::WrongType));
+    if !event {
+        return Err(refused(LogoutRefusal::NoEvent));
     }
-    let sub = id_claim(all.get("sub"));
-    let sid = all.get("sid").and_then(Value::as_str).map(str::to_owned);
+    // A logout token is never an ID token: a nonce would make it one.
+    if all.contains_key("nonce") {
+        return Err(refused(LogoutRefusal::Nonce));
+    }
+    let sub = present(id_claim(all.get("sub")));
+    let sid = present(all.get("sid").and_then(Value::as_str).map(str::to_owned));
     if sub.is_none() && sid.is_none() {
-        return Err(Invalid(InvalidReason::Malformed));
+        return Err(refused(LogoutRefusal::NoSubject));
     }
     Ok(LogoutToken { sub, sid, jti, iat, stale_at })
 }

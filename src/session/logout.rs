@@ -99,8 +99,9 @@ pub async fn navigate(
     let site = req.headers().get("sec-fetch-site").and_then(|v| v.to_str().ok());
     if matches!(site, Some("cross-site" | "same-site")) || req.headers().contains_key(header::ORIGIN) {
         let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
-        let origin_ok = req.headers().get(header::ORIGIN).is_some()
-            && csrf::check(&http::Method::POST, req.headers(), own, &s.settings.allowed_origins).is_ok();
+        // The POST rule: `Origin`, else `Referer` (a navigation carries no `Origin`).
+        let origin_ok =
+            csrf::check(&http::Method::POST, req.headers(), own, &s.settings.allowed_origins).is_ok();
         if !origin_ok {
             return Err(AuthError::Csrf.into());
         }
@@ -137,28 +138,32 @@ pub async fn backchannel(
     req: Request<Incoming>,
     cx: &SessionCtx<'_>,
 ) -> Result<Response<Body>, EndpointError> {
-    let refused = |reason: &'static str| {
+    // `reason` is the metric's label, `description` the answer's `error_description`.
+    let refused = |reason: &'static str, description: &'static str| {
         cx.metrics.logout_token_rejected(reason);
         tracing::info!(reason, "back-channel logout token refused");
-        EndpointError::InvalidRequest(reason)
+        EndpointError::InvalidRequest(description)
     };
     let Some(issuer) = &cx.sessions.logout_issuer else {
-        return Err(refused("no [[issuers]] entry has the issuer of [auth_server]"));
+        return Err(refused("no_issuer", "no [[issuers]] entry has the issuer of [auth_server]"));
     };
     let body = Limited::new(req.into_body(), MAX_LOGOUT_BODY)
         .collect()
         .await
-        .map_err(|_| refused("body unreadable or too large"))?
+        .map_err(|_| refused("unreadable_body", "body unreadable or too large"))?
         .to_bytes();
     let token = form_urlencoded::parse(&body)
         .find(|(k, _)| k == "logout_token")
         .map(|(_, v)| v.into_owned())
-        .ok_or_else(|| refused("no logout_token"))?;
+        .ok_or_else(|| refused("missing_logout_token", "no logout_token"))?;
     let client_id = cx.sessions.oauth.client_id();
     let now = unix_now();
     let verify =
         |keys: &crate::auth::keys::KeySet| jwt::verify_logout(&token, &issuer.policy, keys, client_id, now);
-    let keys = issuer.keys.current().ok_or_else(|| refused("the issuer's keys are not loaded"))?;
+    let keys = issuer
+        .keys
+        .current()
+        .ok_or_else(|| refused("keys_unavailable", "the issuer's keys are not loaded"))?;
     let mut result = verify(&keys);
     if matches!(result, Err(jwt::Rejected::UnknownKid)) {
         let kid = jwt::header(&token).ok().and_then(|h| h.kid).unwrap_or_default();
@@ -170,17 +175,22 @@ pub async fn backchannel(
     }
     let logout = match result {
         Ok(l) => l,
-        Err(jwt::Rejected::UnknownKid) => return Err(refused("unknown key")),
-        Err(jwt::Rejected::Invalid(r)) => return Err(refused(r.description())),
+        Err(jwt::Rejected::UnknownKid) => {
+            return Err(refused("unknown_key", "the token was signed by an unknown key"))
+        }
+        Err(jwt::Rejected::Invalid(r)) => return Err(refused(r.reason(), r.description())),
     };
     if !cx.fleet.first_use("logout-jti", &logout.jti, logout.stale_at).await {
-        return Err(refused("the logout token was used before"));
+        return Err(refused("replayed", "the logout token was used before"));
     }
     let exp = Some(logout.iat.saturating_add(cx.sessions.settings.absolute_timeout.as_secs() as i64));
+    // Times are whole seconds: a session (or access token) from the logout's own
+    // second cannot show it came after the logout, so it ends too.
+    let before = logout.iat.saturating_add(1);
     let entry = match (&logout.sid, &logout.sub) {
-        (Some(sid), _) => Revocation::Sid { sid: sid.clone(), issued_before: logout.iat, exp },
-        (None, Some(sub)) => Revocation::Sub { sub: sub.clone(), issued_before: logout.iat, exp },
-        (None, None) => return Err(refused("neither sub nor sid")),
+        (Some(sid), _) => Revocation::Sid { sid: sid.clone(), issued_before: before, exp },
+        (None, Some(sub)) => Revocation::Sub { sub: sub.clone(), issued_before: before, exp },
+        (None, None) => return Err(refused("missing_sub_and_sid", "neither sub nor sid")),
     };
     cx.fleet.revoke(&entry).await;
     cx.metrics.logout("backchannel");

@@ -27,6 +27,7 @@ mod introspection;
 mod jwks_lifecycle;
 mod jwt_attacks;
 mod login;
+mod logout;
 mod logs_have_no_secrets;
 mod operations;
 mod rate_limits;

@@ -4,6 +4,9 @@
 //! detection (reusing a rotated refresh token revokes the whole family, RFC 9700
 //! §4.14.2), authorization code + PKCE, RFC 7009 revocation, a login endpoint
 //! for passthrough, and outages on demand — of the token endpoint and of the JWKS.
+//! As an OpenID provider ([`TestIdp::set_id_tokens`]) it gives every session a
+//! `sid`, issues ID tokens, publishes an `end_session_endpoint` (RP-initiated
+//! logout) and mints back-channel logout tokens ([`TestIdp::logout_claims`]).
 //!
 //! It is also the tests' only JWKS server: a JWKS endpoint that fails on demand
 //! ([`JwksAnswer`]), one that is stopped ([`TestIdp::stop`]) or that only starts
@@ -109,6 +112,8 @@ pub enum JwksAnswer {
 #[derive(Debug, Clone)]
 struct Family {
     sub: String,
+    /// The provider's session id (`sid` of its ID tokens): one per login.
+    sid: String,
     revoked: bool,
 }
 
@@ -131,6 +136,14 @@ struct Inner {
     last_token_auth: Option<String>,
     jwks_cache_control: Option<String>,
     jwks_answer: JwksAnswer,
+    /// Logins answer with an ID token, and access tokens carry the session's `sid`.
+    id_tokens: bool,
+    /// Every ID token issued, in order.
+    issued_id_tokens: Vec<String>,
+    /// Discovery names `{issuer}/logout` as `end_session_endpoint`.
+    end_session: bool,
+    /// The query of every request to the end-session endpoint, in order.
+    end_session_requests: Vec<HashMap<String, String>>,
 }
 
 pub struct TestIdp {
@@ -157,6 +170,8 @@ impl Drop for TestIdp {
 pub const AUDIENCE: &str = "orders-api";
 pub const CLIENT_ID: &str = "edge";
 pub const CLIENT_SECRET: &str = "s3cret-client";
+/// The event a back-channel logout token carries (OpenID Connect Back-Channel Logout 1.0 §2.4).
+pub const BACKCHANNEL_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
 
 impl TestIdp {
     pub async fn start() -> TestIdp {
@@ -180,6 +195,10 @@ impl TestIdp {
             last_token_auth: None,
             jwks_cache_control: None,
             jwks_answer: JwksAnswer::Keys,
+            id_tokens: false,
+            issued_id_tokens: Vec::new(),
+            end_session: true,
+            end_session_requests: Vec::new(),
         }));
         let server = Handles {
             issuer: format!("http://{addr}"),
@@ -265,6 +284,10 @@ impl TestIdp {
     pub fn login_url(&self) -> String {
         format!("{}/login", self.issuer())
     }
+    /// The end-session endpoint (RP-initiated logout) discovery names.
+    pub fn end_session_url(&self) -> String {
+        format!("{}/logout", self.issuer())
+    }
 
     /// `[[issuers]]` "main": this IdP's `issuer` and `jwks_url`.
     pub fn issuer_table(&self) -> Table {
@@ -316,6 +339,52 @@ impl TestIdp {
     pub fn last_token_auth(&self) -> Option<String> {
         self.inner.lock().unwrap().last_token_auth.clone()
     }
+    /// As an OpenID provider: logins (code exchange and passthrough) answer with an
+    /// ID token naming the session's `sid`, and access tokens carry that `sid` too.
+    pub fn set_id_tokens(&self, on: bool) {
+        self.inner.lock().unwrap().id_tokens = on;
+    }
+    /// Whether discovery names an `end_session_endpoint` (it does by default).
+    pub fn set_end_session(&self, published: bool) {
+        self.inner.lock().unwrap().end_session = published;
+    }
+    /// Every ID token issued so far, in order.
+    pub fn id_tokens(&self) -> Vec<String> {
+        self.inner.lock().unwrap().issued_id_tokens.clone()
+    }
+    /// The query of every request the end-session endpoint received, in order.
+    pub fn end_session_requests(&self) -> Vec<HashMap<String, String>> {
+        self.inner.lock().unwrap().end_session_requests.clone()
+    }
+
+    /// The claims of a valid back-channel logout token for `sub` and/or `sid`,
+    /// issued now (OpenID Connect Back-Channel Logout 1.0 §2.4): `iss`, `aud` =
+    /// [`CLIENT_ID`], `iat`, `exp` two minutes on, a fresh `jti`, the event.
+    pub fn logout_claims(&self, sub: Option<&str>, sid: Option<&str>) -> Value {
+        let n = now();
+        let mut c = json!({
+            "iss": self.issuer(), "aud": CLIENT_ID, "iat": n, "exp": n + 120,
+            "jti": format!("logout-{}", self.counter.fetch_add(1, Ordering::SeqCst)),
+            "events": { BACKCHANNEL_EVENT: {} },
+        });
+        if let Some(sub) = sub {
+            c["sub"] = json!(sub);
+        }
+        if let Some(sid) = sid {
+            c["sid"] = json!(sid);
+        }
+        c
+    }
+
+    /// `claims` signed as a logout token: the current signing key, `typ: logout+jwt`.
+    pub fn logout_token(&self, claims: &Value) -> String {
+        let kid = self.inner.lock().unwrap().signing_kid.clone();
+        let mut h = Header::new(alg_of(&kid));
+        h.kid = Some(kid.clone());
+        h.typ = Some("logout+jwt".into());
+        sign_with_header(&kid, h, claims)
+    }
+
     /// Ends every session at the server, as an administrator (or another device's logout) would.
     pub fn revoke_all_sessions(&self) {
         for f in self.inner.lock().unwrap().families.iter_mut() {
@@ -343,7 +412,8 @@ impl TestIdp {
     /// Starts a session as a login would: (access token, refresh token).
     #[allow(dead_code, reason = "no suite starts a session behind the proxy's back yet")]
     pub fn session(&self, sub: &str) -> (String, String) {
-        self.clone_handles().new_session(sub)
+        let (at, rt, _) = self.clone_handles().new_session(sub);
+        (at, rt)
     }
 }
 
@@ -412,12 +482,37 @@ impl Handles {
         })
     }
 
-    fn mint_access(&self, sub: &str) -> (String, i64) {
-        let (kid, ttl) = {
+    /// An access token of the session `family`: with its `sid` when ID tokens are on.
+    fn mint_access(&self, family: usize) -> (String, i64) {
+        let (kid, ttl, sub, sid) = {
             let g = self.inner.lock().unwrap();
-            (g.signing_kid.clone(), g.access_ttl)
+            let f = &g.families[family];
+            (g.signing_kid.clone(), g.access_ttl, f.sub.clone(), g.id_tokens.then(|| f.sid.clone()))
         };
-        (sign(&kid, &self.claims(sub, ttl)), ttl)
+        let mut claims = self.claims(&sub, ttl);
+        if let Some(sid) = sid {
+            claims["sid"] = json!(sid);
+        }
+        (sign(&kid, &claims), ttl)
+    }
+
+    /// The session's ID token (OpenID Connect Core §2), when ID tokens are on.
+    fn mint_id_token(&self, family: usize) -> Option<String> {
+        let (kid, sub, sid) = {
+            let g = self.inner.lock().unwrap();
+            if !g.id_tokens {
+                return None;
+            }
+            let f = &g.families[family];
+            (g.signing_kid.clone(), f.sub.clone(), f.sid.clone())
+        };
+        let n = now();
+        let token = sign(
+            &kid,
+            &json!({"iss": self.issuer, "sub": sub, "aud": CLIENT_ID, "exp": n + 300, "iat": n, "sid": sid}),
+        );
+        self.inner.lock().unwrap().issued_id_tokens.push(token.clone());
+        Some(token)
     }
 
     fn new_refresh(&self, family: usize) -> String {
@@ -426,14 +521,16 @@ impl Handles {
         rt
     }
 
-    fn new_session(&self, sub: &str) -> (String, String) {
+    /// A login: (access token, refresh token, ID token when they are on).
+    fn new_session(&self, sub: &str) -> (String, String, Option<String>) {
         let family = {
             let mut g = self.inner.lock().unwrap();
-            g.families.push(Family { sub: sub.to_owned(), revoked: false });
+            let sid = format!("sid-{}", self.counter.fetch_add(1, Ordering::SeqCst));
+            g.families.push(Family { sub: sub.to_owned(), sid, revoked: false });
             g.families.len() - 1
         };
-        let (at, _) = self.mint_access(sub);
-        (at, self.new_refresh(family))
+        let (at, _) = self.mint_access(family);
+        (at, self.new_refresh(family), self.mint_id_token(family))
     }
 
     async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
@@ -467,16 +564,36 @@ impl Handles {
                 }
                 r
             }
-            "/.well-known/openid-configuration" => json_resp(
-                StatusCode::OK,
-                &json!({
+            "/.well-known/openid-configuration" => {
+                let mut doc = json!({
                     "issuer": self.issuer,
                     "jwks_uri": format!("{}/jwks.json", self.issuer),
                     "token_endpoint": format!("{}/token", self.issuer),
                     "authorization_endpoint": format!("{}/authorize", self.issuer),
                     "revocation_endpoint": format!("{}/revoke", self.issuer),
-                }),
-            ),
+                });
+                if self.inner.lock().unwrap().end_session {
+                    doc["end_session_endpoint"] = json!(format!("{}/logout", self.issuer));
+                    doc["backchannel_logout_supported"] = json!(true);
+                    doc["backchannel_logout_session_supported"] = json!(true);
+                }
+                json_resp(StatusCode::OK, &doc)
+            }
+            "/logout" => {
+                // RP-initiated logout 1.0 §2-§3: back to post_logout_redirect_uri when given.
+                let q = form_urlencoded(&query);
+                let back = q.get("post_logout_redirect_uri").cloned();
+                self.inner.lock().unwrap().end_session_requests.push(q);
+                match back {
+                    Some(uri) => {
+                        let mut r = Response::new(Full::new(Bytes::new()));
+                        *r.status_mut() = StatusCode::FOUND;
+                        r.headers_mut().insert("location", uri.parse().unwrap());
+                        r
+                    }
+                    None => json_resp(StatusCode::OK, &json!({"logged_out": true})),
+                }
+            }
             "/token" => self.token(parse_form(&body), auth).await,
             "/revoke" => {
                 let form = parse_form(&body);
@@ -509,12 +626,13 @@ impl Handles {
                     return json_resp(StatusCode::UNAUTHORIZED, &json!({"error": "bad credentials"}));
                 }
                 let user = creds["username"].as_str().unwrap_or("alice").to_owned();
-                let (at, rt) = self.new_session(&user);
+                let (at, rt, id_token) = self.new_session(&user);
                 let ttl = self.inner.lock().unwrap().access_ttl;
-                json_resp(
-                    StatusCode::OK,
-                    &json!({"access_token": at, "refresh_token": rt, "expires_in": ttl, "user": {"name": user}}),
-                )
+                let mut answer = json!({"access_token": at, "refresh_token": rt, "expires_in": ttl, "user": {"name": user}});
+                if let Some(id) = id_token {
+                    answer["id_token"] = json!(id);
+                }
+                json_resp(StatusCode::OK, &answer)
             }
             _ => json_resp(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
         }
@@ -541,7 +659,7 @@ impl Handles {
         match form.get("grant_type").map(String::as_str) {
             Some("refresh_token") => {
                 let Some(rt) = form.get("refresh_token") else { return oauth_error("invalid_request") };
-                let (family, sub, rotate) = {
+                let (family, rotate) = {
                     let mut g = self.inner.lock().unwrap();
                     let Some(state) = g.refresh.get(rt).cloned() else { return oauth_error("invalid_grant") };
                     if g.families[state.family].revoked {
@@ -556,9 +674,9 @@ impl Handles {
                     if rotate {
                         g.refresh.get_mut(rt).unwrap().used = true;
                     }
-                    (state.family, g.families[state.family].sub.clone(), rotate)
+                    (state.family, rotate)
                 };
-                let (at, ttl) = self.mint_access(&sub);
+                let (at, ttl) = self.mint_access(family);
                 let mut body = json!({"access_token": at, "token_type": "Bearer", "expires_in": ttl});
                 if rotate {
                     body["refresh_token"] = json!(self.new_refresh(family));
@@ -575,12 +693,13 @@ impl Handles {
                 if b64(digest.as_ref()) != challenge {
                     return oauth_error("invalid_grant");
                 }
-                let (at, rt) = self.new_session(&sub);
+                let (at, rt, id_token) = self.new_session(&sub);
                 let ttl = self.inner.lock().unwrap().access_ttl;
-                json_resp(
-                    StatusCode::OK,
-                    &json!({"access_token": at, "refresh_token": rt, "token_type": "Bearer", "expires_in": ttl}),
-                )
+                let mut answer = json!({"access_token": at, "refresh_token": rt, "token_type": "Bearer", "expires_in": ttl});
+                if let Some(id) = id_token {
+                    answer["id_token"] = json!(id);
+                }
+                json_resp(StatusCode::OK, &answer)
             }
             _ => oauth_error("unsupported_grant_type"),
         }

@@ -57,6 +57,17 @@ impl Metrics {
     pub fn has(&self, series: &str) -> bool {
         self.0.contains_key(series)
     }
+
+    /// The sum of every series of metric `name`, whatever its labels.
+    pub fn total(&self, name: &str) -> f64 {
+        self.0
+            .iter()
+            .filter(|(series, _)| {
+                series.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with('{'))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
 }
 
 /// `GET /metrics` on the admin listener, parsed.

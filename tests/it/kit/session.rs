@@ -271,6 +271,23 @@ pub async fn login(proxy: &impl Instance, user: &str) -> (Reply, Jar) {
     (reply, jar)
 }
 
+/// The authorization code flow as a browser follows it: `GET login_path`, the
+/// IdP's authorization endpoint, then the callback; returns the jar after it.
+pub async fn code_login(proxy: &impl Instance) -> Jar {
+    let r = get(proxy.url("/auth/login?return_to=/app")).send().await;
+    assert_eq!(r.status, 302, "login redirect: {}", r.text());
+    let jar = Jar::default().after(&r);
+    let authorize = r.header("location").expect("Location of the authorization request").to_owned();
+    let at_idp = get(&authorize).send().await;
+    assert_eq!(at_idp.status, 302, "the IdP's authorization answer: {}", at_idp.text());
+    let callback = at_idp.header("location").expect("Location of the callback").to_owned();
+    let r = jar.on(get(&callback)).send().await;
+    assert_eq!(r.status, 302, "callback: {}", r.text());
+    let jar = jar.after(&r);
+    assert!(jar.holds(ACCESS) && jar.holds(REFRESH), "code login set {:?}", jar.0.keys().collect::<Vec<_>>());
+    jar
+}
+
 pub async fn api(proxy: &impl Instance, jar: &Jar) -> Reply {
     jar.on(get(proxy.url("/api/orders"))).send().await
 }
@@ -281,6 +298,20 @@ pub async fn refresh_now(proxy: &impl Instance, jar: &Jar) -> Reply {
 
 pub async fn logout(proxy: &impl Instance, jar: &Jar) -> Reply {
     jar.on(post(proxy.url("/auth/logout"), "")).header("origin", own_origin(proxy)).send().await
+}
+
+/// `backchannel_logout_path` as the logout suite configures it.
+pub const BACKCHANNEL_LOGOUT: &str = "/auth/backchannel-logout";
+
+/// `POST backchannel_logout_path` as an OpenID provider sends it (Back-Channel
+/// Logout 1.0 §2.5): `logout_token=…` form-encoded, no cookies, no `Origin`.
+pub async fn backchannel_logout(proxy: &impl Instance, logout_token: &str) -> Reply {
+    let body =
+        form_urlencoded::Serializer::new(String::new()).append_pair("logout_token", logout_token).finish();
+    post(proxy.url(BACKCHANNEL_LOGOUT), body)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .send()
+        .await
 }
 
 /// The bearer token the upstream received.
