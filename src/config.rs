@@ -4,8 +4,10 @@
 mod build;
 pub mod file;
 pub mod locate;
+mod schema;
 pub mod secret;
 mod settings;
+pub use schema::schema;
 pub mod units;
 
 use std::fmt;

@@ -53,6 +53,8 @@ enum Command {
         #[arg(long)]
         print_config: bool,
     },
+    /// Print the JSON Schema (Draft-07) of the configuration file.
+    Schema,
 }
 
 fn main() -> ExitCode {
@@ -114,6 +116,16 @@ fn main() -> ExitCode {
             let Some(runtime) = runtime() else { return ExitCode::from(1) };
             runtime.block_on(portcullis::run::run(path))
         }
+        Command::Schema => match serde_json::to_string_pretty(&portcullis::config::schema()) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Demo { port, print_config } => {
             let Some(runtime) = runtime() else { return ExitCode::from(1) };
             runtime.block_on(portcullis::demo::demo(portcullis::demo::Options { port, print_config }))
