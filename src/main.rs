@@ -1,6 +1,7 @@
 //! Command line only: `run`, `check`, `keygen`, `demo`, `schema`. Exit 0 ok, 1 bad configuration or
 //! failed start, 2 usage error.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -117,8 +118,9 @@ fn main() -> ExitCode {
             runtime.block_on(portcullis::run::run(path))
         }
         Command::Schema => match serde_json::to_string_pretty(&portcullis::config::schema()) {
+            // A closed pipe (`| head`) is the reader's choice, not an error.
             Ok(text) => {
-                println!("{text}");
+                let _ = writeln!(std::io::stdout().lock(), "{text}");
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -38,6 +38,7 @@ mod revocation;
 mod robustness;
 mod routing;
 mod rules;
+mod schema;
 mod security_bypasses;
 mod shutdown;
 mod tls;
