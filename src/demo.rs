@@ -109,6 +109,13 @@ pub async fn demo(opts: Options) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Seconds before expiry the proxy refreshes: the default 30, but never in a
+/// token's first 5 s, so a shortened lifetime still refreshes near expiry
+/// rather than on every call.
+fn refresh_ahead(ttl: i64) -> i64 {
+    (ttl - 5).clamp(0, 30)
+}
+
 /// The generated configuration: the proxy on `port`, everything else on loopback.
 pub fn config_text(port: u16, issuer: &str, api_port: u16, spa_port: u16) -> String {
     format!(
@@ -137,6 +144,7 @@ cookie_key_env = "PORTCULLIS_DEMO_COOKIE_KEY"
 access_cookie = "demo-access"
 refresh_cookie = "demo-refresh"
 secure = false
+refresh_ahead = "{ahead}s"
 backchannel_logout_path = "/auth/backchannel-logout"
 end_session_url = "{issuer}/logout"
 post_logout_redirect_uri = "http://127.0.0.1:{port}/"
@@ -162,6 +170,7 @@ auth = "none"
 "#,
         client = idp::CLIENT_ID,
         aud = idp::AUDIENCE,
+        ahead = refresh_ahead(access_ttl()),
     )
 }
 
