@@ -11,15 +11,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
 
+import { launchChromium } from '../lib/browser.js';
 import { startIdp } from '../lib/idp.js';
 import { check, configToml, freePort, keygen, REPO, startProxy } from '../lib/proxy.js';
 import { startEcho, startStatic } from '../lib/servers.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ARTIFACTS = path.resolve(HERE, '../artifacts');
-const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const ACCESS_TOKEN_TTL = 10; // seconds; the proxy's refresh_ahead is 2 s
 const ACCESS = '__Host-access';
 const REFRESH = '__Host-refresh';
@@ -69,7 +68,6 @@ describe('portcullis in front of an SPA and an API (Chromium, oidc-provider)', {
   const metric = async (series) => (await proxy.metrics()).get(series) ?? 0;
 
   before(async () => {
-    assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} missing: apt-get install chromium (or set CHROMIUM_BIN)`);
     fs.mkdirSync(ARTIFACTS, { recursive: true });
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'portcullis-e2e-'));
 
@@ -89,24 +87,7 @@ describe('portcullis in front of an SPA and an API (Chromium, oidc-provider)', {
       logFile: path.join(ARTIFACTS, 'portcullis.log'),
     });
 
-    context = await chromium.launchPersistentContext(path.join(tmp, 'chromium-profile'), {
-      executablePath: CHROMIUM,
-      headless: true,
-      args: [
-        '--headless',
-        '--no-sandbox',
-        '--disable-gpu',
-        '--disable-quic',
-        '--no-first-run',
-        '--disable-background-networking',
-        '--disable-component-update',
-        '--disable-sync',
-      ],
-      viewport: { width: 1100, height: 900 },
-      timeout: 30_000,
-    });
-    context.setDefaultTimeout(15_000);
-    page = context.pages()[0] ?? (await context.newPage());
+    ({ context, page } = await launchChromium(path.join(tmp, 'chromium-profile')));
   });
 
   after(async () => {
