@@ -52,5 +52,12 @@ fn cookies(c: &mut Criterion) {
     c.bench_function("cookie_open_1200B", |b| b.iter(|| seal.open(black_box(&sealed)).unwrap()));
 }
 
-criterion_group!(benches, routing, rs256, cookies);
+fn rules(c: &mut Criterion) {
+    let r = portcullis::bench::Rules::twenty();
+    assert!(r.allows("/orders/admin/users/7"));
+    c.bench_function("rules_20_last_matches", |b| b.iter(|| r.allows(black_box("/orders/admin/users/7"))));
+    c.bench_function("rules_20_none_match", |b| b.iter(|| r.allows(black_box("/orders/17"))));
+}
+
+criterion_group!(benches, routing, rs256, cookies, rules);
 criterion_main!(benches);

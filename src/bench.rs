@@ -88,3 +88,60 @@ impl Seal {
 }
 
 pub use crate::clock::unix_now;
+
+/// A route's `[[routes.rules]]`: 19 rules that do not match the request, then
+/// one that does and checks a nested claim and the scopes.
+pub struct Rules {
+    rules: Vec<crate::config::RuleSettings>,
+    claims: crate::auth::Claims,
+    method: http::Method,
+}
+
+impl Rules {
+    pub fn twenty() -> Self {
+        use crate::config::{ClaimMatch, RuleAction, RuleSettings};
+        let mut rules: Vec<RuleSettings> = (1..20)
+            .map(|n| RuleSettings {
+                methods: if n % 2 == 0 { vec![http::Method::DELETE] } else { Vec::new() },
+                path_prefix: Some(format!("/orders/section{n}")),
+                action: RuleAction::Deny,
+                number: n,
+                line: None,
+            })
+            .collect();
+        rules.push(RuleSettings {
+            methods: vec![http::Method::GET, http::Method::POST],
+            path_prefix: Some("/orders/admin".to_owned()),
+            action: RuleAction::Require {
+                scopes: Some(vec!["orders:admin".to_owned()]),
+                claims: vec![ClaimMatch {
+                    path: vec!["realm_access".to_owned(), "roles".to_owned()],
+                    value: serde_json::Value::from("admin"),
+                }],
+            },
+            number: 20,
+            line: None,
+        });
+        let all = serde_json::json!({"sub": "u1", "realm_access": {"roles": ["user", "admin"]}});
+        let claims = crate::auth::Claims {
+            sub: Some("u1".to_owned()),
+            scopes: vec!["orders:read".to_owned(), "orders:admin".to_owned()],
+            all: all.as_object().cloned().unwrap_or_default(),
+            ..Default::default()
+        };
+        Self { rules, claims, method: http::Method::GET }
+    }
+
+    /// Decides `GET path` as the request path does: the deciding rule, its scopes and claims.
+    pub fn allows(&self, path: &str) -> bool {
+        use crate::config::RuleAction;
+        match crate::auth::rules::decide(&self.rules, &self.method, path).map(|r| &r.action) {
+            Some(RuleAction::Require { scopes, claims }) => {
+                scopes.iter().flatten().all(|s| self.claims.scopes.contains(s))
+                    && crate::auth::rules::claims_match(&self.claims, claims)
+            }
+            Some(RuleAction::Public) | None => true,
+            Some(RuleAction::Deny) => false,
+        }
+    }
+}

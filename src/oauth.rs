@@ -108,6 +108,8 @@ pub struct Endpoints {
     pub authorization: Option<Uri>,
     pub revocation: Option<Uri>,
     pub end_session: Option<Uri>,
+    /// A discovery document has been read: `end_session` is all there is.
+    pub discovered: bool,
 }
 
 /// The parts of `[auth_server]` a grant needs.
@@ -180,6 +182,7 @@ impl OAuthClient {
             authorization: s.authorization_url.clone(),
             revocation: s.revocation_url.clone(),
             end_session: None,
+            discovered: false,
         }));
         if s.token_url.is_none() {
             if let Some(issuer) = s.issuer.clone() {
@@ -203,19 +206,23 @@ impl OAuthClient {
     }
 
     /// The provider's end-session endpoint (RP-initiated logout), from discovery:
-    /// read when first needed and kept.
+    /// read when first needed and kept, also when the document names none (a
+    /// logout must not cost a discovery fetch each time).
     pub async fn end_session_url(&self) -> Option<Uri> {
-        let e = self.settings.endpoints.load_full();
-        if let Some(u) = &e.end_session {
-            return Some(u.clone());
+        let e = self.settings.endpoints.load();
+        if e.end_session.is_some() || e.discovered {
+            return e.end_session.clone();
         }
         let issuer = self.issuer.as_ref()?;
         let meta = discovery::fetch(issuer).await.ok()?;
-        let found = discovery::parse_uri(meta.end_session_endpoint.as_deref())?;
-        self.settings
-            .endpoints
-            .store(Arc::new(Endpoints { end_session: Some(found.clone()), ..(*e).clone() }));
-        Some(found)
+        let found = discovery::parse_uri(meta.end_session_endpoint.as_deref());
+        // rcu: the start-up discovery may complete the other endpoints meanwhile.
+        self.settings.endpoints.rcu(|cur| Endpoints {
+            end_session: cur.end_session.clone().or_else(|| found.clone()),
+            discovered: true,
+            ..(**cur).clone()
+        });
+        self.settings.endpoints.load().end_session.clone()
     }
 
     pub fn client_id(&self) -> &str {
@@ -330,16 +337,16 @@ async fn discover(issuer: String, endpoints: Weak<ArcSwap<Endpoints>>) {
         match discovery::fetch(&issuer).await {
             Ok(meta) => {
                 let Some(e) = endpoints.upgrade() else { return };
-                let cur = e.load_full();
                 let pick = |explicit: &Option<Uri>, found: Option<&str>| {
                     explicit.clone().or_else(|| discovery::parse_uri(found))
                 };
-                e.store(Arc::new(Endpoints {
+                e.rcu(|cur| Endpoints {
                     token: pick(&cur.token, meta.token_endpoint.as_deref()),
                     authorization: pick(&cur.authorization, meta.authorization_endpoint.as_deref()),
                     revocation: pick(&cur.revocation, meta.revocation_endpoint.as_deref()),
                     end_session: pick(&cur.end_session, meta.end_session_endpoint.as_deref()),
-                }));
+                    discovered: true,
+                });
                 tracing::info!(issuer = %issuer, "authorization server endpoints discovered");
                 return;
             }

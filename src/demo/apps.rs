@@ -9,12 +9,22 @@ use super::http::{full, json_response, Answer};
 const INDEX: &str = include_str!("../../examples/spa/index.html");
 const APP: &str = include_str!("../../examples/spa/app.js");
 
-/// `{method, path, query, headers}` of the request, headers by lower-case name.
+/// `{method, path, query, headers, access_token_claims}` of the request, headers
+/// by lower-case name; the access token itself is withheld from the page.
 pub fn echo<B>(req: &Request<B>) -> Answer {
     let mut headers = Map::new();
+    let mut claims = None;
     for (name, value) in req.headers() {
-        let v = Value::from(String::from_utf8_lossy(value.as_bytes()).into_owned());
-        headers.insert(name.as_str().to_owned(), v);
+        let text = String::from_utf8_lossy(value.as_bytes());
+        // The API receives the access token; the page must not show one, or it
+        // would contradict what the demo is there to prove.
+        let text = if name == header::AUTHORIZATION {
+            claims = text.strip_prefix("Bearer ").and_then(payload);
+            "Bearer (the access token, not shown; its claims are below)".to_owned()
+        } else {
+            text.into_owned()
+        };
+        headers.insert(name.as_str().to_owned(), Value::from(text));
     }
     json_response(
         StatusCode::OK,
@@ -23,8 +33,17 @@ pub fn echo<B>(req: &Request<B>) -> Answer {
             "path": req.uri().path(),
             "query": req.uri().query(),
             "headers": headers,
+            "access_token_claims": claims,
         }),
     )
+}
+
+/// A JWT's payload: claims only, without the signature that would make it usable.
+fn payload(jwt: &str) -> Option<Value> {
+    use base64::Engine as _;
+    let part = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// The SPA's files, and `/demo.json` telling the page where the demo IdP is.
