@@ -5,7 +5,8 @@
 //! load, each instance in turn gets SIGTERM, exits, and is replaced on the same
 //! ports. With `drain_delay` longer than HAProxy needs to see `/readyz` fail, no
 //! connection is refused and every answer is 2xx: the balancer never retried,
-//! so portcullis itself refused nothing.
+//! so portcullis itself refused nothing. And for balancers that pin connections,
+//! keep-alive answers during `drain_delay` say `Connection: close`.
 //!
 //! Needs Debian's `haproxy` and `redis-server`; without them it fails, it does
 //! not skip.
@@ -215,4 +216,60 @@ async fn a_rolling_restart_behind_haproxy_without_retries_refuses_nothing() {
             assert!(v.is_empty() || v == "0", "haproxy {} {counter} = {v}\n{}", row["svname"], context());
         }
     }
+}
+
+/// Behind a balancer that pins connections (a TCP balancer such as kube-proxy, or
+/// HAProxy in `mode tcp`), a keep-alive client keeps its connection to a draining
+/// instance. Answers during `drain_delay` say `Connection: close`, so the client
+/// opens a new connection (which the balancer sends elsewhere) instead of having
+/// its next request dropped unanswered when the drain closes the connection.
+#[tokio::test]
+async fn keep_alive_answers_during_drain_delay_say_connection_close() {
+    let idp = TestIdp::start().await;
+    let up = Upstream::start().await;
+    let toml = Config::new()
+        .table(idp.issuer_table())
+        .table(Table::new("[limits]").set("drain_delay", "5s").set("drain_timeout", "5s"))
+        .table(api_route(&up))
+        .toml();
+    let mut proxy = ProxyProcess::start(&toml).await;
+    wait_ready(&proxy).await;
+    let token = idp.access_token("alice", 600);
+    let stream = tokio::net::TcpStream::connect(proxy.http).await.expect("connect");
+    let (mut conn, driver) =
+        hyper::client::conn::http1::handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP/1.1 handshake");
+    let driver = tokio::spawn(driver);
+    let ask = |path: &str| {
+        http::Request::get(path)
+            .header("host", "portcullis.test")
+            .header("authorization", format!("Bearer {token}"))
+            .body(full(Bytes::new()))
+            .expect("valid request")
+    };
+
+    let before =
+        Reply::read(conn.send_request(ask("/api/before")).await.expect("answer")).await.expect("body");
+    assert_eq!(before.status, 200, "{}", before.text());
+    assert_eq!(before.header("connection"), None, "keep-alive before the drain");
+
+    proxy.signal("TERM");
+    let term = Instant::now();
+    eventually("readyz answers 503 after SIGTERM", DEADLINE, || async {
+        try_send(get(format!("{}/readyz", proxy.admin_url()))).await.is_ok_and(|r| r.status == 503)
+    })
+    .await;
+    conn.ready().await.expect("the connection is still open during drain_delay");
+    let during =
+        Reply::read(conn.send_request(ask("/api/during")).await.expect("answer")).await.expect("body");
+    assert_eq!(during.status, 200, "{}", during.text());
+    assert_eq!(during.header("connection"), Some("close"), "answers during drain_delay end keep-alive");
+    // The proxy closes the connection after that answer, long before drain_delay ends…
+    tokio::time::timeout(DEADLINE, driver).await.expect("connection closed").expect("driver task").ok();
+    assert!(term.elapsed() < Duration::from_secs(5), "closed only by the drain");
+    // …while new connections are still served.
+    let again = get(proxy.url("/api/again")).bearer(&token).send().await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(proxy.wait_exit(DEADLINE).await.code(), Some(0), "log:\n{}", proxy.log());
 }
