@@ -16,6 +16,14 @@ use super::{stable_port, TempDir, DEADLINE};
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/rollout/haproxy.cfg");
 
+/// `haproxy` on the `PATH`, else Debian's `/usr/sbin/haproxy` (a user's `PATH`
+/// often lacks `/usr/sbin`).
+fn binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("haproxy")).find(|b| b.is_file()));
+    on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/haproxy"))
+}
+
 /// One `show stat` row: column name (`svname`, `status`, `econ`, …) to value.
 pub type StatRow = HashMap<String, String>;
 
@@ -62,7 +70,7 @@ impl Haproxy {
         let config = dir.write("haproxy.cfg", &text);
         let log = std::fs::File::create(dir.path().join("haproxy.log")).expect("create haproxy log");
         let log2 = log.try_clone().expect("clone haproxy log");
-        let child = tokio::process::Command::new("haproxy")
+        let child = tokio::process::Command::new(binary())
             .arg("-db")
             .arg("-f")
             .arg(&config)
