@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -314,12 +315,23 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ProxyServ
         let (shared, conn) = (self.shared.clone(), self.conn.clone());
         Box::pin(async move {
             let _in_flight = conn.request_started();
+            let h1 = req.version() < http::Version::HTTP_2;
             // Each request keeps the configuration it started with, even across a reload.
             let snap = shared.current.load_full();
-            Ok(match conn.forward_auth {
+            let mut resp = match conn.forward_auth {
                 false => crate::proxy::handle(req, &conn, &snap, &shared).await,
                 true => crate::proxy::authorize_only(req, &conn, &snap, &shared).await,
-            })
+            };
+            // Draining: an HTTP/1 client must not send its next request on a
+            // connection the drain will close, so it is told to reconnect now, while
+            // new connections are still accepted (HTTP/2 gets GOAWAY at the drain).
+            if h1
+                && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                && shared.draining.load(Ordering::SeqCst)
+            {
+                resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok(resp)
         })
     }
 }

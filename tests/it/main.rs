@@ -36,6 +36,7 @@ mod refresh_storm;
 mod reload;
 mod revocation;
 mod robustness;
+mod rollout;
 mod routing;
 mod rules;
 mod schema;

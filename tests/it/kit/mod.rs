@@ -26,10 +26,12 @@
 //! - [`session`]: the session suites' configuration, cookie jar and flows;
 //! - [`metrics`]: the one `/metrics` parser;
 //! - [`tls`]: a test CA and a TLS client trusting it;
-//! - `redis`: a throwaway `redis-server`.
+//! - `redis`: a throwaway `redis-server`;
+//! - [`haproxy`]: a real HAProxy on `examples/rollout/haproxy.cfg`, and its stats.
 
 pub mod client;
 pub mod config;
+pub mod haproxy;
 pub mod idp;
 pub mod introspect;
 pub mod metrics;
@@ -50,6 +52,7 @@ pub use client::{
     RawReply, Reply, Req,
 };
 pub use config::{api_route, session_table, Config, Table};
+pub use haproxy::Haproxy;
 pub use idp::{fixture, sign, JwksAnswer, Outage, TestIdp};
 pub use introspect::IntrospectionServer;
 pub use metrics::{metric, metrics, Metrics};
@@ -106,6 +109,32 @@ impl Drop for TempDir {
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind for a free port");
     l.local_addr().expect("local address").port()
+}
+
+/// A free port below the kernel's ephemeral range: no outgoing connection takes it
+/// as its local port, so a listener can let go of it and bind it again (a restart
+/// on the same port) without another socket slipping in between.
+pub fn stable_port() -> u16 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, span) = (10_000u64, u64::from(low.saturating_sub(10_000)).max(1));
+    // No RNG needed: the clock, the process and a counter spread concurrent picks.
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut seed = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
+    for _ in 0..1000 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407 + N.fetch_add(1, Ordering::Relaxed));
+        let port = u16::try_from(from + (seed >> 33) % span).unwrap_or(10_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {low}");
 }
 
 /// Polls `check` every 20 ms until it returns true; panics naming `what` after `within`.

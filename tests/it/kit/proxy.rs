@@ -181,14 +181,34 @@ impl ProxyProcess {
 
     /// Like `start`, with extra environment variables (e.g. for `*_env` keys, `PORTCULLIS_LOG`).
     pub async fn start_with_env(toml: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_picking(toml, env, free_port).await
+    }
+
+    /// Like `start_with_env`, on ports drawn by `pick` (e.g. [`stable_port`](super::stable_port)).
+    pub async fn start_picking(toml: &str, env: &[(&str, &str)], pick: fn() -> u16) -> Self {
         // A port found free can be taken by someone else before the child binds it
         // (outgoing connections draw from the same range): then try other ports.
         for _ in 0..5 {
-            if let Some(p) = Self::try_start(toml, env).await {
+            let http: SocketAddr = ([127, 0, 0, 1], pick()).into();
+            let admin: SocketAddr = ([127, 0, 0, 1], pick()).into();
+            if let Some(p) = Self::try_start(http, admin, toml, env).await {
                 return p;
             }
         }
         panic!("portcullis could not bind free ports in 5 attempts");
+    }
+
+    /// On the given addresses, e.g. a replacement taking over the ports of an
+    /// instance that just exited; retries while they are still held, up to [`DEADLINE`].
+    pub async fn start_on(http: SocketAddr, admin: SocketAddr, toml: &str, env: &[(&str, &str)]) -> Self {
+        let start = Instant::now();
+        loop {
+            if let Some(p) = Self::try_start(http, admin, toml, env).await {
+                return p;
+            }
+            assert!(start.elapsed() < DEADLINE, "portcullis could not bind {http} and {admin} again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The configuration file the process runs on.
@@ -214,10 +234,13 @@ impl ProxyProcess {
     }
 
     /// `None` if a listener's port was taken meanwhile.
-    async fn try_start(toml: &str, env: &[(&str, &str)]) -> Option<Self> {
+    async fn try_start(
+        http: SocketAddr,
+        admin: SocketAddr,
+        toml: &str,
+        env: &[(&str, &str)],
+    ) -> Option<Self> {
         let dir = TempDir::new();
-        let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let text = format!("[listen]\nhttp = \"{http}\"\nadmin = \"{admin}\"\n\n{toml}");
         let config = dir.write("portcullis.toml", &text);
         let log = std::fs::File::create(dir.path().join("stderr.log")).expect("create log file");
