@@ -26,6 +26,7 @@
 //! - [`session`]: the session suites' configuration, cookie jar and flows;
 //! - [`metrics`]: the one `/metrics` parser;
 //! - [`tls`]: a test CA and a TLS client trusting it;
+//! - [`websocket`]: a WebSocket client through the proxy, and the end of its tunnel;
 //! - `redis`: a throwaway `redis-server`.
 
 pub mod client;
@@ -39,6 +40,7 @@ mod redis;
 pub mod session;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -61,6 +63,7 @@ pub use tls::{alpn, presented_leaf, send_over, tls_connect, Leaf, TestCa};
 pub use upstream::{
     channel_body, count_pattern, garbage_upstream, Blackhole, Body, Pattern, Refused, Upstream,
 };
+pub use websocket::WebSocket;
 
 /// How long any single wait in a test may take before it fails loudly.
 pub const DEADLINE: Duration = Duration::from_secs(15);
