@@ -122,6 +122,14 @@ async fn a_cookie_handshake_from_the_own_or_an_allowed_origin_is_tunnelled() {
     }
     up.wait_websockets(2, DEADLINE).await;
     wait_open_tunnels(&proxy, 2.0).await;
+
+    // Tunnels the client ends are not the proxy's closes.
+    for (i, ws) in tunnels.into_iter().enumerate() {
+        ws.close(&format!("tunnel {i}")).await;
+    }
+    up.wait_websockets(0, DEADLINE).await;
+    wait_open_tunnels(&proxy, 0.0).await;
+    assert_eq!(metrics(&proxy).await.total("portcullis_tunnels_closed_total"), 0.0);
 }
 
 #[tokio::test]
@@ -137,12 +145,19 @@ async fn a_bearer_handshake_without_origin_is_tunnelled() {
 #[tokio::test]
 async fn revoking_a_subject_closes_its_tunnels_within_a_second_and_no_other() {
     let (idp, up, proxy) = setup(&Opts::default()).await;
+    let before_tokens = now();
     let (_, alice_jar) = login(&proxy, "alice").await;
     let mut alice_bearer = bearer_tunnel(&proxy, WS, &idp.access_token("alice", 300)).await;
     let mut alice_session = session_tunnel(&proxy, &alice_jar).await;
     let mut bob = bearer_tunnel(&proxy, WS, &idp.access_token("bob", 300)).await;
     up.wait_websockets(3, DEADLINE).await;
     wait_open_tunnels(&proxy, 3.0).await;
+
+    // A cut-off no later than the tokens' `iat` denies older tokens only: nothing closes.
+    let r = revoke(&proxy, &json!({"sub": "alice", "issued_before": before_tokens})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    alice_bearer.assert_echoes("alice's bearer tunnel after a revocation of older tokens").await;
+    alice_session.assert_echoes("alice's session tunnel after a revocation of older tokens").await;
 
     let r = revoke(&proxy, &json!({"sub": "alice", "issued_before": now() + 1})).await;
     assert_eq!(r.status, 201, "{}", r.text());

@@ -87,6 +87,15 @@ impl WebSocket {
         }
     }
 
+    /// Ends the WebSocket from the client's side: a close frame, the upstream's answer.
+    pub async fn close(mut self, what: &str) {
+        self.ws.close(None).await.unwrap_or_else(|e| panic!("{what}: close: {e}"));
+        let end = async { while let Some(Ok(_)) = self.ws.next().await {} };
+        tokio::time::timeout(DEADLINE, end)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the closing handshake did not end within {DEADLINE:?}"));
+    }
+
     /// Waits until the proxy drops the client's TCP connection — SPEC §4 closes a
     /// tunnel by closing both connections, with no WebSocket close frame — and returns
     /// how long that took; fails if it takes longer than `within` or if anything
