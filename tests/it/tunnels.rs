@@ -289,32 +289,44 @@ async fn absolute_timeout_closes_the_sessions_tunnel_when_the_session_ends() {
 // === a fleet ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_or_logout_on_one_instance_closes_the_tunnel_on_the_other() {
+async fn a_revocation_or_logout_on_one_instance_closes_the_tunnels_on_the_other() {
     let idp = TestIdp::start().await;
+    idp.set_id_tokens(true);
     let up = Upstream::start().await;
     let redis = RedisServer::start().await;
     let opts = Opts {
+        session: format!("backchannel_logout_path = \"{BACKCHANNEL_LOGOUT}\""),
         routes: format!("[state]\nredis_url = \"{}\"\nkey_prefix = \"tunnels:\"\n", redis.url()),
         ..Opts::default()
     };
     let a = start(&idp, &up, &opts).await;
     let b = start(&idp, &up, &opts).await;
     let (_, carol) = login(&a, "carol").await;
+    let (r, dave) = login(&a, "dave").await;
+    let dave_sid =
+        claims(r.json()["id_token"].as_str().expect("an ID token"))["sid"].as_str().unwrap().to_owned();
     let mut alice = bearer_tunnel(&b, WS, &idp.access_token("alice", 300)).await;
     let mut carol_on_b = session_tunnel(&b, &carol).await;
+    let mut dave_on_b = session_tunnel(&b, &dave).await;
     let mut bob = bearer_tunnel(&b, WS, &idp.access_token("bob", 300)).await;
-    up.wait_websockets(3, DEADLINE).await;
+    up.wait_websockets(4, DEADLINE).await;
 
     let r = revoke(&a, &json!({"sub": "alice", "issued_before": now() + 1})).await;
     assert_eq!(r.status, 201, "{}", r.text());
     assert_closed(&mut alice, "alice's tunnel on B after her revocation on A").await;
-    up.wait_websockets(2, CLOSES_WITHIN).await;
+    up.wait_websockets(3, CLOSES_WITHIN).await;
     assert_eq!(closed(&b, "revoked").await, 1.0);
 
     assert_eq!(logout(&a, &carol).await.status, 204);
     assert_closed(&mut carol_on_b, "carol's session tunnel on B after her logout on A").await;
-    up.wait_websockets(1, CLOSES_WITHIN).await;
+    up.wait_websockets(2, CLOSES_WITHIN).await;
     assert_eq!(closed(&b, "logout").await, 1.0);
+
+    let token = idp.logout_token(&idp.logout_claims(None, Some(&dave_sid)));
+    assert_eq!(backchannel_logout(&a, &token).await.status, 200);
+    assert_closed(&mut dave_on_b, "dave's session tunnel on B after the provider's logout on A").await;
+    up.wait_websockets(1, CLOSES_WITHIN).await;
+    assert_eq!(closed(&b, "logout").await, 2.0);
 
     bob.assert_echoes("bob's tunnel on B").await;
 }
