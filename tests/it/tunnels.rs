@@ -83,6 +83,28 @@ async fn assert_closed(ws: &mut WebSocket, what: &str) {
     assert!(took < CLOSES_WITHIN, "{what}: took {took:?}");
 }
 
+/// Where an instance answers, to move into a task.
+struct Node {
+    http: String,
+    admin: String,
+}
+
+impl Node {
+    fn of(p: &impl Instance) -> Self {
+        Self { http: p.http_url(), admin: p.admin_url() }
+    }
+}
+
+impl Instance for Node {
+    fn http_url(&self) -> String {
+        self.http.clone()
+    }
+
+    fn admin_url(&self) -> String {
+        self.admin.clone()
+    }
+}
+
 /// The time left until `t`.
 fn until(t: Instant) -> Duration {
     t.saturating_duration_since(Instant::now())
@@ -185,6 +207,28 @@ async fn revoking_a_jti_closes_the_tunnel_it_opened_and_not_the_subjects_others(
     up.wait_websockets(1, CLOSES_WITHIN).await;
 
     stays.assert_echoes("alice's tunnel opened with another token").await;
+    assert_eq!(closed(&proxy, "revoked").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_revocation_while_the_upstream_answers_the_handshake_closes_the_new_tunnel() {
+    let (idp, up, proxy) = setup(&Opts::default()).await;
+    let token = idp.access_token("alice", 300);
+    let bearer = format!("Bearer {token}");
+    let handshake = {
+        let p = Node::of(&proxy);
+        tokio::spawn(
+            async move { WebSocket::open(&p, "/api/slow?ms=1500", &[("authorization", &bearer)]).await },
+        )
+    };
+    // Authenticated and forwarded: the upstream holds its 101 back.
+    up.wait_for_requests(1).await;
+    let c = claims(&token);
+    assert_eq!(revoke(&proxy, &json!({"jti": c["jti"], "exp": c["exp"]})).await.status, 201);
+
+    let mut ws = handshake.await.unwrap().unwrap_or_else(|r| panic!("{} {}", r.status, r.body));
+    assert_closed(&mut ws, "a tunnel whose token was revoked while the upstream answered").await;
+    up.wait_websockets(0, CLOSES_WITHIN).await;
     assert_eq!(closed(&proxy, "revoked").await, 1.0);
 }
 

@@ -10,7 +10,8 @@
 //! - `…/gate`: sends `first\n`, waits for [`Upstream::open_gate`], then sends `second\n`;
 //! - `…/hop-headers`: answers with hop-by-hop headers the proxy must remove;
 //! - any request with `Upgrade: websocket`: a WebSocket echo, counted while open
-//!   ([`Upstream::websockets`]) so a test can see the proxy closed the upstream side too.
+//!   ([`Upstream::websockets`]) so a test can see the proxy closed the upstream side too;
+//!   on `…/slow?ms=N` its `101` comes N ms late.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -189,10 +190,14 @@ async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<Body> {
     let path = req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.to_string());
     st.seen.lock().expect("seen lock").push((req.method().to_string(), path.clone()));
     st.arrived.send_modify(|n| *n += 1);
+    let endpoint = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
     if req.headers().get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")) {
+        if endpoint == "slow" {
+            let ms = query_u64(&req, "ms").unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         return websocket(req, st);
     }
-    let endpoint = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
     match endpoint.as_str() {
         "stream" => {
             let n = query_u64(&req, "bytes").unwrap_or(0);
