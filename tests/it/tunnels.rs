@@ -8,9 +8,10 @@
 //! ends; each close is counted in `portcullis_tunnels_closed_total{reason}`
 //! (named by issue 15; SPEC names no tunnel metric).
 //!
-//! SPEC describes the close as both TCP connections closing (no close frame): the
-//! client sees its connection end ([`WebSocket::assert_dropped`]) and the upstream
-//! sees its WebSocket end ([`Upstream::wait_websockets`]).
+//! SPEC describes the close as closing both TCP connections and names no WebSocket
+//! close code: the client sees its connection end with no close frame
+//! ([`WebSocket::assert_dropped`]) and the upstream sees its WebSocket end
+//! ([`Upstream::wait_websockets`]).
 
 use std::time::{Duration, Instant};
 
@@ -83,26 +84,10 @@ async fn assert_closed(ws: &mut WebSocket, what: &str) {
     assert!(took < CLOSES_WITHIN, "{what}: took {took:?}");
 }
 
-/// Where an instance answers, to move into a task.
-struct Node {
-    http: String,
-    admin: String,
-}
-
-impl Node {
-    fn of(p: &impl Instance) -> Self {
-        Self { http: p.http_url(), admin: p.admin_url() }
-    }
-}
-
-impl Instance for Node {
-    fn http_url(&self) -> String {
-        self.http.clone()
-    }
-
-    fn admin_url(&self) -> String {
-        self.admin.clone()
-    }
+/// The `sid` of the ID token a login answered with.
+fn sid_of(login: &Reply) -> String {
+    let id_token = login.json()["id_token"].as_str().expect("the login answers with an ID token").to_owned();
+    claims(&id_token)["sid"].as_str().expect("the ID token names a sid").to_owned()
 }
 
 /// The time left until `t`.
@@ -124,6 +109,9 @@ async fn a_cookie_handshake_from_a_foreign_origin_is_403_csrf() {
             .unwrap_or_else(|| panic!("a cookie handshake from {origin} was tunnelled"));
         refused.assert_error(403, "csrf", &format!("cookie handshake from {origin}"));
     }
+    // A browser always sends one; a handshake without it proves nothing.
+    let refused = WebSocket::open(&proxy, WS, &[("cookie", &cookie)]).await.err().expect("refused");
+    refused.assert_error(403, "csrf", "cookie handshake without Origin");
     assert!(up.seen().is_empty(), "a cross-site handshake reached the upstream: {:?}", up.seen());
     assert_eq!(up.websockets(), 0);
 }
@@ -215,18 +203,15 @@ async fn a_revocation_while_the_upstream_answers_the_handshake_closes_the_new_tu
     let (idp, up, proxy) = setup(&Opts::default()).await;
     let token = idp.access_token("alice", 300);
     let bearer = format!("Bearer {token}");
-    let handshake = {
-        let p = Node::of(&proxy);
-        tokio::spawn(
-            async move { WebSocket::open(&p, "/api/slow?ms=1500", &[("authorization", &bearer)]).await },
-        )
-    };
-    // Authenticated and forwarded: the upstream holds its 101 back.
-    up.wait_for_requests(1).await;
     let c = claims(&token);
-    assert_eq!(revoke(&proxy, &json!({"jti": c["jti"], "exp": c["exp"]})).await.status, 201);
-
-    let mut ws = handshake.await.unwrap().unwrap_or_else(|r| panic!("{} {}", r.status, r.body));
+    let headers = [("authorization", bearer.as_str())];
+    let (opened, revoked) = tokio::join!(WebSocket::open(&proxy, "/api/slow?ms=1500", &headers), async {
+        // Authenticated and forwarded: the upstream holds its 101 back.
+        up.wait_for_requests(1).await;
+        revoke(&proxy, &json!({"jti": c["jti"], "exp": c["exp"]})).await
+    });
+    assert_eq!(revoked.status, 201, "{}", revoked.text());
+    let mut ws = opened.unwrap_or_else(|r| panic!("the handshake was answered {} {}", r.status, r.body));
     assert_closed(&mut ws, "a tunnel whose token was revoked while the upstream answered").await;
     up.wait_websockets(0, CLOSES_WITHIN).await;
     assert_eq!(closed(&proxy, "revoked").await, 1.0);
@@ -261,7 +246,7 @@ async fn a_backchannel_logout_closes_the_tunnels_of_the_sessions_it_ends() {
         Opts { session: format!("backchannel_logout_path = \"{BACKCHANNEL_LOGOUT}\""), ..Opts::default() };
     let proxy = start(&idp, &up, &opts).await;
     let (r, first_jar) = login(&proxy, "alice").await;
-    let sid = claims(r.json()["id_token"].as_str().expect("an ID token"))["sid"].as_str().unwrap().to_owned();
+    let sid = sid_of(&r);
     let (_, second_jar) = login(&proxy, "alice").await;
     let mut first = session_tunnel(&proxy, &first_jar).await;
     let mut second = session_tunnel(&proxy, &second_jar).await;
@@ -347,8 +332,7 @@ async fn a_revocation_or_logout_on_one_instance_closes_the_tunnels_on_the_other(
     let b = start(&idp, &up, &opts).await;
     let (_, carol) = login(&a, "carol").await;
     let (r, dave) = login(&a, "dave").await;
-    let dave_sid =
-        claims(r.json()["id_token"].as_str().expect("an ID token"))["sid"].as_str().unwrap().to_owned();
+    let dave_sid = sid_of(&r);
     let mut alice = bearer_tunnel(&b, WS, &idp.access_token("alice", 300)).await;
     let mut carol_on_b = session_tunnel(&b, &carol).await;
     let mut dave_on_b = session_tunnel(&b, &dave).await;

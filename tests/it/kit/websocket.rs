@@ -97,7 +97,7 @@ impl WebSocket {
     }
 
     /// Waits until the proxy drops the client's TCP connection — SPEC §4 closes a
-    /// tunnel by closing both connections, with no WebSocket close frame — and returns
+    /// tunnel by closing both connections and names no WebSocket close code — and returns
     /// how long that took; fails if it takes longer than `within` or if anything
     /// else (a message, a close frame) arrives first.
     pub async fn assert_dropped(&mut self, within: Duration, what: &str) -> Duration {
