@@ -238,6 +238,30 @@ async fn logging_out_closes_that_sessions_tunnels_only() {
 }
 
 #[tokio::test]
+async fn a_handshake_that_refreshes_the_session_hands_the_browser_the_new_cookies() {
+    let (idp, up, proxy) = setup(&Opts::default()).await;
+    // Within refresh_ahead: the handshake itself refreshes the session.
+    idp.set_access_ttl(5);
+    let (_, jar) = login(&proxy, "alice").await;
+    idp.set_access_ttl(300);
+    let calls = token_calls(&idp);
+    let mut ws = session_tunnel(&proxy, &jar).await;
+    assert_eq!(token_calls(&idp), calls + 1, "the handshake refreshed the session");
+    assert_set(&ws.handshake, ACCESS);
+    assert_set(&ws.handshake, REFRESH);
+    let jar = jar.after(&ws.handshake);
+
+    // The browser goes on with the rotated pair: no second refresh, no reuse of the old one.
+    let r = api(&proxy, &jar).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(token_calls(&idp), calls + 1, "the new access token needs no refresh");
+    // The tunnel belongs to the session, whichever of its pairs opened it.
+    assert_eq!(logout(&proxy, &jar).await.status, 204);
+    assert_closed(&mut ws, "the tunnel of the refreshed session after its logout").await;
+    up.wait_websockets(0, CLOSES_WITHIN).await;
+}
+
+#[tokio::test]
 async fn a_backchannel_logout_closes_the_tunnels_of_the_sessions_it_ends() {
     let idp = TestIdp::start().await;
     idp.set_id_tokens(true);

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::{Error, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use super::client::Reply;
 use super::proxy::Instance;
 use super::DEADLINE;
 
@@ -40,6 +41,8 @@ impl Rejected {
 
 /// An open WebSocket through the proxy.
 pub struct WebSocket {
+    /// The `101` answer (its `Set-Cookie`s, when the handshake refreshed the session).
+    pub handshake: Reply,
     ws: WebSocketStream<TcpStream>,
     sent: u64,
 }
@@ -62,7 +65,12 @@ impl WebSocket {
         match handshake {
             Ok((ws, resp)) => {
                 assert_eq!(resp.status(), 101);
-                Ok(Self { ws, sent: 0 })
+                let handshake = Reply {
+                    status: resp.status(),
+                    headers: resp.headers().clone(),
+                    body: Default::default(),
+                };
+                Ok(Self { handshake, ws, sent: 0 })
             }
             Err(Error::Http(resp)) => Err(Rejected {
                 status: resp.status().as_u16(),
