@@ -4,9 +4,12 @@
 //! none; an open tunnel ends with what opened it — a revocation by `sub` or
 //! `jti` (also posted to another instance of a fleet), a logout of its session
 //! (the proxy's own or the provider's back-channel one), the session's
-//! `absolute_timeout`, the route's `max_tunnel_lifetime` — and only that tunnel
-//! ends; each close is counted in `portcullis_tunnels_closed_total{reason}`
-//! (named by issue 15; SPEC names no tunnel metric).
+//! `absolute_timeout`, the route's `max_tunnel_lifetime`; also a revocation that
+//! arrives while the upstream is still answering the handshake — and only that
+//! tunnel ends. A handshake that refreshes the session hands the browser the new
+//! cookies. Each close is counted in `portcullis_tunnels_closed_total{reason}`,
+//! open tunnels in `portcullis_tunnels_open` (both named by issue 15; SPEC names
+//! no tunnel metric).
 //!
 //! SPEC describes the close as closing both TCP connections and names no WebSocket
 //! close code: the client sees its connection end with no close frame
