@@ -43,3 +43,4 @@ mod schema;
 mod security_bypasses;
 mod shutdown;
 mod tls;
+mod tunnels;

@@ -26,6 +26,7 @@
 //! - [`session`]: the session suites' configuration, cookie jar and flows;
 //! - [`metrics`]: the one `/metrics` parser;
 //! - [`tls`]: a test CA and a TLS client trusting it;
+//! - [`websocket`]: a WebSocket client through the proxy, and the end of its tunnel;
 //! - `redis`: a throwaway `redis-server`;
 //! - [`haproxy`]: a real HAProxy on `examples/rollout/haproxy.cfg`, and its stats.
 
@@ -41,6 +42,7 @@ mod redis;
 pub mod session;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -64,6 +66,7 @@ pub use tls::{alpn, presented_leaf, send_over, tls_connect, Leaf, TestCa};
 pub use upstream::{
     channel_body, count_pattern, garbage_upstream, Blackhole, Body, Pattern, Refused, Upstream,
 };
+pub use websocket::WebSocket;
 
 /// How long any single wait in a test may take before it fails loudly.
 pub const DEADLINE: Duration = Duration::from_secs(15);

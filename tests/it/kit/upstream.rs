@@ -9,7 +9,9 @@
 //! - `…/stream?bytes=N`: answers N bytes of [`Pattern`], produced lazily;
 //! - `…/gate`: sends `first\n`, waits for [`Upstream::open_gate`], then sends `second\n`;
 //! - `…/hop-headers`: answers with hop-by-hop headers the proxy must remove;
-//! - any request with `Upgrade: websocket`: a WebSocket echo.
+//! - any request with `Upgrade: websocket`: a WebSocket echo, counted while open
+//!   ([`Upstream::websockets`]) so a test can see the proxy closed the upstream side too;
+//!   on `…/slow?ms=N` its `101` comes N ms late.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -80,6 +82,8 @@ struct State {
     arrived: watch::Sender<usize>,
     gate: Notify,
     body_started: Notify,
+    /// WebSocket echoes whose connection is still open.
+    websockets: watch::Sender<usize>,
 }
 
 /// An echo upstream; stops when dropped.
@@ -103,6 +107,7 @@ impl Upstream {
             arrived: watch::channel(0).0,
             gate: Notify::new(),
             body_started: Notify::new(),
+            websockets: watch::channel(0).0,
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -156,6 +161,23 @@ impl Upstream {
     pub async fn body_started(&self) {
         self.state.body_started.notified().await;
     }
+
+    /// WebSocket connections open at the upstream now.
+    pub fn websockets(&self) -> usize {
+        *self.state.websockets.borrow()
+    }
+
+    /// Waits (at most `within`) until exactly `n` WebSocket connections are open at the upstream.
+    pub async fn wait_websockets(&self, n: usize, within: Duration) {
+        let mut rx = self.state.websockets.subscribe();
+        let got = tokio::time::timeout(within, rx.wait_for(|open| *open == n)).await;
+        assert!(
+            got.is_ok(),
+            "upstream {}: {} WebSocket connections open, not {n}, after {within:?}",
+            self.state.name,
+            self.websockets()
+        );
+    }
 }
 
 impl Drop for Upstream {
@@ -168,10 +190,14 @@ async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<Body> {
     let path = req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.to_string());
     st.seen.lock().expect("seen lock").push((req.method().to_string(), path.clone()));
     st.arrived.send_modify(|n| *n += 1);
-    if req.headers().get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")) {
-        return websocket(req);
-    }
     let endpoint = req.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+    if req.headers().get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket")) {
+        if endpoint == "slow" {
+            let ms = query_u64(&req, "ms").unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        return websocket(req, st);
+    }
     match endpoint.as_str() {
         "stream" => {
             let n = query_u64(&req, "bytes").unwrap_or(0);
@@ -249,7 +275,7 @@ async fn echo(req: Request<Incoming>, path: String, st: &State) -> Response<Body
     resp
 }
 
-fn websocket(req: Request<Incoming>) -> Response<Body> {
+fn websocket(req: Request<Incoming>, st: Arc<State>) -> Response<Body> {
     let Some(key) = req.headers().get("sec-websocket-key") else {
         let mut resp = Response::new(full("missing sec-websocket-key"));
         *resp.status_mut() = StatusCode::BAD_REQUEST;
@@ -258,6 +284,7 @@ fn websocket(req: Request<Incoming>) -> Response<Body> {
     let accept = derive_accept_key(key.as_bytes());
     tokio::spawn(async move {
         let Ok(upgraded) = hyper::upgrade::on(req).await else { return };
+        let _open = OpenWebSocket::count(st);
         let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(Ok(msg)) = ws.next().await {
             if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
@@ -272,6 +299,22 @@ fn websocket(req: Request<Incoming>) -> Response<Body> {
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert("sec-websocket-accept", HeaderValue::try_from(accept).expect("accept key is ASCII"));
     resp
+}
+
+/// Counts one open WebSocket until dropped (also when the task is aborted).
+struct OpenWebSocket(Arc<State>);
+
+impl OpenWebSocket {
+    fn count(st: Arc<State>) -> Self {
+        st.websockets.send_modify(|n| *n += 1);
+        Self(st)
+    }
+}
+
+impl Drop for OpenWebSocket {
+    fn drop(&mut self) {
+        self.0.websockets.send_modify(|n| *n -= 1);
+    }
 }
 
 fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
