@@ -55,6 +55,7 @@ impl Sessions {
         &self,
         rt: String,
         access_token: &str,
+        expires_in: Option<u64>,
         id_token: Option<String>,
         now: i64,
     ) -> RefreshCookie {
@@ -81,7 +82,9 @@ impl Sessions {
             sub,
             sid,
             id_token,
+            access_exp: None,
         }
+        .with_access(access_token, expires_in, now)
     }
 }
 
@@ -136,6 +139,15 @@ impl SessionCtx<'_> {
             }
         }
         let absolute = s.settings.absolute_timeout.as_secs() as i64;
+        let now = unix_now();
+        // Past absolute_timeout the session is over even while its access token
+        // lives: a client may ignore the cookies' Max-Age.
+        if let Some(rc) = &refresh {
+            if now > rc.login.saturating_add(absolute) {
+                set_cookies.extend(s.cookies.clear_session(&jar));
+                return Err(AuthError::SessionOver);
+            }
+        }
         let session = match &refresh {
             Some(rc) => crate::auth::SessionBinding {
                 id: rc.id.clone(),
@@ -146,14 +158,18 @@ impl SessionCtx<'_> {
             },
             None => crate::auth::SessionBinding::default(),
         };
-        let now = unix_now();
         let ahead = s.settings.refresh_ahead.as_secs() as i64;
         let mut current = None;
         let mut needs_refresh = access.is_none();
         if let Some(at) = access {
             match policy.check(&at, self.verifier).await {
                 Ok(c) => {
-                    needs_refresh = refresh.is_some() && c.exp - now <= ahead;
+                    // An introspection answer without `exp` leaves the token response's `expires_in`.
+                    let exp = match &refresh {
+                        Some(rc) if !c.all.contains_key("exp") => rc.access_exp.unwrap_or(c.exp),
+                        _ => c.exp,
+                    };
+                    needs_refresh = refresh.is_some() && exp - now <= ahead;
                     current = Some((c, at));
                 }
                 // Our own cookie cannot be forged, so an invalid (or inactive) token in it is stale: refresh.

@@ -38,6 +38,10 @@ pub struct RefreshCookie {
     /// The ID token from the login, sent as `id_token_hint` on RP-initiated logout.
     #[serde(default, rename = "idt", skip_serializing_if = "Option::is_none")]
     pub id_token: Option<String>,
+    /// When the access cookie's token expires by the token response's
+    /// `expires_in`: an opaque token's only expiry when introspection names none.
+    #[serde(default, rename = "ate", skip_serializing_if = "Option::is_none")]
+    pub access_exp: Option<i64>,
 }
 
 impl RefreshCookie {
@@ -45,6 +49,20 @@ impl RefreshCookie {
     pub fn rotated(&self, rt: String) -> Self {
         Self { rt, ..self.clone() }
     }
+
+    /// The same session holding a new access token that `expires_in` seconds from `now`.
+    pub fn with_access(mut self, access_token: &str, expires_in: Option<u64>, now: i64) -> Self {
+        self.access_exp = access_expiry(access_token, expires_in, now);
+        self
+    }
+}
+
+/// Recorded for opaque tokens only: a JWT carries its own `exp`, and the cookie
+/// stays smaller without it.
+fn access_expiry(access_token: &str, expires_in: Option<u64>, now: i64) -> Option<i64> {
+    let jwt = access_token.bytes().filter(|b| *b == b'.').count() == 2;
+    let secs = i64::try_from(expires_in?).ok()?;
+    (!jwt).then(|| now.saturating_add(secs))
 }
 
 /// What the short-lived login-state cookie holds during code + PKCE.

@@ -153,7 +153,8 @@ async fn login_passthrough(
     let at = obj.remove("access_token").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
     let id_token = obj.get("id_token").and_then(|v| v.as_str()).map(str::to_owned);
     let now = unix_now();
-    let session = s.new_session(rt, &at, id_token, now);
+    let expires_in = obj.get("expires_in").and_then(serde_json::Value::as_u64);
+    let session = s.new_session(rt, &at, expires_in, id_token, now);
     cookies.extend(s.cookies.set_session(&at, &session, now, &jar));
     Ok(json_response(status, &serde_json::Value::Object(obj)))
 }
@@ -286,7 +287,7 @@ async fn callback(
     };
     let now = unix_now();
     cookies.extend(s.cookies.clear(&s.cookies.login, &jar));
-    let session = s.new_session(rt, &tokens.access_token, tokens.id_token, now);
+    let session = s.new_session(rt, &tokens.access_token, tokens.expires_in, tokens.id_token, now);
     cookies.extend(s.cookies.set_session(&tokens.access_token, &session, now, &jar));
     redirect(&login.return_to)
 }

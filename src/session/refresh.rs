@@ -213,7 +213,8 @@ async fn grant(sessions: &Sessions, metrics: &Metrics, rc: RefreshCookie) -> Ref
             let refresh = match t.refresh_token {
                 Some(rt) => rc.rotated(rt),
                 None => rc,
-            };
+            }
+            .with_access(&t.access_token, t.expires_in, crate::clock::unix_now());
             RefreshOutcome::Tokens(Arc::new(Fresh {
                 access_token: t.access_token,
                 refresh,

@@ -367,3 +367,31 @@ async fn session_past_absolute_timeout_is_refused_and_cleared() {
     assert_cleared(&r, REFRESH);
     assert_eq!(token_calls(&idp), calls, "a session past its deadline is not refreshed");
 }
+
+#[tokio::test]
+async fn a_client_ignoring_max_age_is_refused_past_absolute_timeout_while_its_access_token_lives() {
+    let o = Opts { session: "absolute_timeout = \"2s\"\nidle_timeout = \"2s\"".into(), ..Opts::default() };
+    let (idp, _up, proxy) = setup(&o).await;
+    idp.set_access_ttl(300);
+    let (_, jar) = login(&proxy, "alice").await;
+    let first = api(&proxy, &jar).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+
+    // The same cookies again and again, as a client that keeps expired cookies
+    // would send them: the access token inside lives 300 s, the session 2 s.
+    let r = poll_until(
+        "the session passes absolute_timeout",
+        DEADLINE,
+        || jar.on(get(proxy.url("/api/orders"))),
+        |r| r.status != 200,
+    )
+    .await;
+    r.assert_error(401, "session_expired");
+    assert_cleared(&r, ACCESS);
+    assert_cleared(&r, REFRESH);
+    assert_eq!(
+        token_calls(&idp),
+        0,
+        "ending a session past its deadline asks the authorization server nothing"
+    );
+}
