@@ -26,10 +26,12 @@
 //! - [`session`]: the session suites' configuration, cookie jar and flows;
 //! - [`metrics`]: the one `/metrics` parser;
 //! - [`tls`]: a test CA and a TLS client trusting it;
+//! - [`grpc`]: a gRPC upstream and a gRPC client, tonic on both ends;
 //! - `redis`: a throwaway `redis-server`.
 
 pub mod client;
 pub mod config;
+pub mod grpc;
 pub mod idp;
 pub mod introspect;
 pub mod metrics;
@@ -57,7 +59,7 @@ pub use proxy::{
     portcullis, readyz, revocations, revoke, wait_ready, Finished, Instance, Proxy, ProxyProcess,
 };
 pub use redis::{RedisServer, SlowLink};
-pub use tls::{alpn, presented_leaf, send_over, tls_connect, Leaf, TestCa};
+pub use tls::{alpn, open_over, presented_leaf, send_over, tls_connect, Leaf, TestCa};
 pub use upstream::{
     channel_body, count_pattern, garbage_upstream, Blackhole, Body, Pattern, Refused, Upstream,
 };

@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::Request;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -98,7 +99,14 @@ pub fn presented_leaf(stream: &TlsStream<TcpStream>) -> rustls_pki_types::Certif
 
 /// Sends one request on an established TLS stream, in HTTP/2 if ALPN chose `h2`,
 /// else HTTP/1.1, and reads the whole answer.
-pub async fn send_over(stream: TlsStream<TcpStream>, mut req: Request<Body>) -> Reply {
+pub async fn send_over(stream: TlsStream<TcpStream>, req: Request<Body>) -> Reply {
+    let exchange = async { Reply::read(open_over(stream, req).await).await.expect("read response") };
+    tokio::time::timeout(DEADLINE, exchange).await.expect("TLS exchange within the deadline")
+}
+
+/// Like [`send_over`], but returns as soon as the response headers are in, the body
+/// left to stream.
+pub async fn open_over(stream: TlsStream<TcpStream>, mut req: Request<Body>) -> Response<Incoming> {
     let io = TokioIo::new(stream);
     // A connection-level HTTP/1.1 client writes no Host of its own; every HTTP/1.1 request needs one.
     if let Some(a) = req.uri().authority().map(|a| a.to_string()) {
@@ -106,17 +114,21 @@ pub async fn send_over(stream: TlsStream<TcpStream>, mut req: Request<Body>) -> 
     }
     let h2 = io.inner().get_ref().1.alpn_protocol() == Some(b"h2");
     let exchange = async {
-        let resp = if h2 {
+        if h2 {
             let (mut sender, conn) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("h2 handshake");
-            tokio::spawn(conn);
+            // The connection lives until the server ends it, so a streamed body can finish.
+            let keep = sender.clone();
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(keep);
+            });
             sender.send_request(req).await.expect("h2 request")
         } else {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1 handshake");
             tokio::spawn(conn);
             sender.send_request(req).await.expect("h1 request")
-        };
-        Reply::read(resp).await.expect("read response")
+        }
     };
-    tokio::time::timeout(DEADLINE, exchange).await.expect("TLS exchange within the deadline")
+    tokio::time::timeout(DEADLINE, exchange).await.expect("response headers within the deadline")
 }
