@@ -7,7 +7,8 @@
 //! an HTTP/1.1 upstream, passed on event by event.
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use tonic::{Code, Request, Status};
 
 use crate::kit::grpc::{CountRequest, GrpcClient, GrpcUpstream, Seen, WhoRequest, PROBE};
@@ -29,7 +30,8 @@ struct Site {
 /// Routes, all needing a token of issuer "main": `portcullis.test.Probe` (scope
 /// `orders:read`, `X-User-Id` from `sub`), `portcullis.test.Admin` (scope
 /// `probe:admin`, which the IdP's tokens lack), `portcullis.test.Down` (an upstream
-/// that refuses connections), all three over HTTP/2; `/feed` to an HTTP/1.1 echo.
+/// that refuses connections), `portcullis.test.Small` (`max_request_body = "1KB"`),
+/// all over HTTP/2; `/feed` to an HTTP/1.1 echo.
 async fn site() -> Site {
     let idp = TestIdp::start().await;
     let up = GrpcUpstream::start().await;
@@ -76,6 +78,14 @@ path_prefix = "/portcullis.test.Down"
 upstream = "{down}"
 upstream_protocol = "h2"
 issuer = "main"
+
+[[routes]]
+name = "small"
+path_prefix = "/portcullis.test.Small"
+upstream = "{up}"
+upstream_protocol = "h2"
+issuer = "main"
+max_request_body = "1KB"
 
 [[routes]]
 name = "feed"
@@ -175,6 +185,24 @@ async fn server_streaming_replies_arrive_as_sent_and_end_with_the_upstream_trail
     assert_eq!(md.get("x-probe-trailer").and_then(|v| v.to_str().ok()), Some("count"), "{md:?}");
 }
 
+#[tokio::test]
+async fn request_trailers_reach_the_h2_upstream() {
+    let s = site().await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", http::HeaderValue::from_static("abc123"));
+    let frames = vec![Ok(Frame::data(Bytes::from_static(b"payload"))), Ok(Frame::trailers(trailers))];
+    let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+    let req = request("POST", format!("https://{SNI}/{PROBE}/Trailers"))
+        .bearer(&s.token("alice"))
+        .header("te", "trailers")
+        .stream(body)
+        .into_request();
+    let tls = tls_connect(s.proxy.https_addr(), SNI, s.ca.client_config(&["h2"])).await.expect("TLS");
+    let reply = send_over(tls, req).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-got-x-checksum"), Some("abc123"), "{:?}", reply.headers);
+}
+
 /// The proxy's own answer to a gRPC call: the status, and its reason in `grpc-message`.
 /// (tonic alone would map a bare HTTP 401 to UNAUTHENTICATED too; the proxy's error
 /// code in the message shows the answer was a gRPC one.)
@@ -222,6 +250,10 @@ async fn calls_the_proxy_refuses_get_grpc_statuses_with_the_reason() {
     }
 
     assert_eq!(s.up.connections(), 0, "no refused call reached the upstream");
+    // gRPC clients declare no length: the limit is found while the body streams
+    // (so this one has begun to reach the upstream).
+    let big = with_bearer(Request::new(WhoRequest { note: "x".repeat(4000) }), &token);
+    assert_refused(c.who("portcullis.test.Small", big).await, Code::ResourceExhausted, "body_too_large");
     // The same connection still carries calls that are let through.
     c.who(PROBE, with_bearer(who(), &token)).await.expect("an admitted call on the same connection");
 }

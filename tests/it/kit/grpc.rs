@@ -12,7 +12,9 @@
 //!   with `gated`, each later reply waits for [`GrpcUpstream::next`]; ends with the
 //!   status `code` (metadata `x-probe-final: done` when not OK) and trailer
 //!   `x-probe-trailer: count`;
-//! - `Hold` (unary): counted as held until [`GrpcUpstream::release`].
+//! - `Hold` (unary): counted as held until [`GrpcUpstream::release`];
+//! - `Trailers` (not gRPC): reads the request body and answers `200` with the
+//!   request's trailer fields as `x-got-NAME` headers.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -226,6 +228,16 @@ async fn serve(req: Request<Incoming>, st: Arc<State>) -> Response<tonic::body::
             });
             let codec = ProstCodec::<Seen, WhoRequest>::default();
             tonic::server::Grpc::new(codec).unary(svc, req).await
+        }
+        "Trailers" => {
+            let got = req.into_body().collect().await.ok().and_then(|b| b.trailers().cloned());
+            let mut resp = Response::new(tonic::body::Body::empty());
+            for (name, value) in got.iter().flatten() {
+                if let Ok(name) = http::HeaderName::try_from(format!("x-got-{name}")) {
+                    resp.headers_mut().append(name, value.clone());
+                }
+            }
+            resp
         }
         _ => Status::unimplemented(format!("no method {method}")).into_http(),
     }
