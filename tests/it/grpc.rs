@@ -1,10 +1,11 @@
 //! HTTP/2 upstreams and gRPC (SPEC §4 "HTTP/2 upstreams and gRPC", "WebSocket and
 //! long-lived streams"): a tonic client reaches the proxy over TLS with ALPN `h2`
-//! and a tonic server behind a route with `upstream_protocol = "h2"`. Calls arrive
-//! with the proxy's identity headers and `TE: trailers`, replies stream as they are
-//! sent, trailers reach the client, the proxy's own refusals are gRPC statuses, and
-//! many client connections share a few upstream ones. Also server-sent events from
-//! an HTTP/1.1 upstream, passed on event by event.
+//! and a tonic server behind a route with `upstream_protocol = "h2"` (prior
+//! knowledge over http, ALPN over https). Calls arrive with the proxy's identity
+//! headers and `TE: trailers`, replies stream as they are sent, trailers pass both
+//! ways, the proxy's own refusals are gRPC statuses, and many client connections
+//! share a few upstream ones. Also server-sent events from an HTTP/1.1 upstream,
+//! passed on event by event.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
@@ -21,6 +22,8 @@ struct Site {
     proxy: Proxy,
     idp: TestIdp,
     up: GrpcUpstream,
+    /// Over TLS, its certificate from the same CA (the route's `ca_file`).
+    secure: GrpcUpstream,
     ca: TestCa,
     echo: Upstream,
     _down: Refused,
@@ -30,7 +33,7 @@ struct Site {
 /// Routes, all needing a token of issuer "main": `portcullis.test.Probe` (scope
 /// `orders:read`, `X-User-Id` from `sub`), `portcullis.test.Admin` (scope
 /// `probe:admin`, which the IdP's tokens lack), `portcullis.test.Down` (an upstream
-/// that refuses connections), `portcullis.test.Small` (`max_request_body = "1KB"`),
+/// that refuses connections), `portcullis.test.Secure` (an https upstream), `portcullis.test.Small` (`max_request_body = "1KB"`),
 /// all over HTTP/2; `/feed` to an HTTP/1.1 echo.
 async fn site() -> Site {
     let idp = TestIdp::start().await;
@@ -40,6 +43,7 @@ async fn site() -> Site {
     let ca = TestCa::new();
     let dir = TempDir::new();
     let (cert, key) = ca.issue(&[SNI]).write_to(&dir, "proxy");
+    let secure = GrpcUpstream::start_tls(&ca.issue(&["127.0.0.1"])).await;
     let listen = format!(
         r#"
 [listen]
@@ -80,6 +84,16 @@ upstream_protocol = "h2"
 issuer = "main"
 
 [[routes]]
+name = "secure"
+path_prefix = "/portcullis.test.Secure"
+upstream = "{secure}"
+ca_file = "{ca_file}"
+upstream_protocol = "h2"
+issuer = "main"
+[routes.identity_headers]
+"X-User-Id" = "sub"
+
+[[routes]]
 name = "small"
 path_prefix = "/portcullis.test.Small"
 upstream = "{up}"
@@ -96,12 +110,14 @@ issuer = "main"
         up = up.url(),
         down = down.url(),
         echo = echo.url(),
+        secure = secure.url(),
+        ca_file = ca.write_to(&dir, "ca.pem"),
     );
     let issuer = idp.issuer_table().set("jwks_refresh", "1h");
     let toml = Config::new().raw(&listen).table(issuer).raw(&routes).toml();
     let proxy = Proxy::start(&toml).await;
     wait_ready(&proxy).await;
-    Site { proxy, idp, up, ca, echo, _down: down, _dir: dir }
+    Site { proxy, idp, up, secure, ca, echo, _down: down, _dir: dir }
 }
 
 impl Site {
@@ -183,6 +199,21 @@ async fn server_streaming_replies_arrive_as_sent_and_end_with_the_upstream_trail
     let md = end.metadata();
     assert_eq!(md.get("x-probe-final").and_then(|v| v.to_str().ok()), Some("done"), "{md:?}");
     assert_eq!(md.get("x-probe-trailer").and_then(|v| v.to_str().ok()), Some("count"), "{md:?}");
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_spoken_to_in_h2_chosen_by_alpn() {
+    let s = site().await;
+    let mut c = s.client().await;
+    let req = with_bearer(Request::new(WhoRequest { note: "tls".into() }), &s.token("alice"));
+    let resp = c.who("portcullis.test.Secure", req).await.expect("the call succeeds");
+    assert_eq!(resp.metadata().get("x-probe-trailer").and_then(|v| v.to_str().ok()), Some("who"));
+    let seen = resp.into_inner();
+    assert_eq!((seen.version.as_str(), seen.note.as_str()), ("HTTP/2.0", "tls"), "{seen:?}");
+    assert_eq!(seen.header_all("x-user-id"), ["alice"], "{seen:?}");
+    assert_eq!(seen.header("te"), Some("trailers"), "{seen:?}");
+    assert_eq!(format!("https://{}", seen.authority), s.secure.url(), "{seen:?}");
+    assert_eq!(s.secure.alpn(), ["h2"]);
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! gRPC for the tests: a real gRPC upstream (tonic's server-side codec on an
-//! HTTP/2-only hyper server that counts the connections it accepts) and a tonic
+//! HTTP/2-only hyper server, plain or TLS with ALPN `h2`, that counts the
+//! connections it accepts) and a tonic
 //! client that reaches the proxy over TLS with ALPN `h2`, as gRPC clients reach an
 //! edge proxy. The messages are `prost` derives, so there is no `.proto` file, no
 //! protoc and no build script.
@@ -19,7 +20,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::Stream;
 use http::uri::PathAndQuery;
@@ -35,7 +36,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 use tonic_prost::ProstCodec;
 
-use super::tls::{tls_connect, TestCa};
+use super::tls::{tls_connect, Leaf, TestCa};
 use super::DEADLINE;
 
 /// The service the suites call; routes match it by path prefix.
@@ -114,51 +115,73 @@ pub struct CountReply {
 
 struct State {
     connections: AtomicUsize,
+    /// The ALPN protocol each TLS connection chose (`-` for none).
+    alpn: Mutex<Vec<String>>,
     held: watch::Sender<usize>,
     released: watch::Sender<bool>,
     next: Notify,
 }
 
-/// A gRPC server on `127.0.0.1:0`, HTTP/2 prior knowledge only; stops when dropped.
+/// A gRPC server on `127.0.0.1:0`, HTTP/2 only (prior knowledge, or ALPN over
+/// TLS); stops when dropped.
 pub struct GrpcUpstream {
     addr: SocketAddr,
     state: Arc<State>,
     task: JoinHandle<()>,
+    tls: bool,
 }
 
 impl GrpcUpstream {
     pub async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    /// Over TLS with `leaf` (for `127.0.0.1`), offering ALPN `h2` only.
+    pub async fn start_tls(leaf: &Leaf) -> Self {
+        Self::serve(Some(leaf.server_config(&["h2"]))).await
+    }
+
+    async fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC upstream");
         let addr = listener.local_addr().expect("gRPC upstream address");
         let state = Arc::new(State {
             connections: AtomicUsize::new(0),
+            alpn: Mutex::new(Vec::new()),
             held: watch::channel(0).0,
             released: watch::channel(false).0,
             next: Notify::new(),
         });
         let st = state.clone();
+        let acceptor = tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 st.connections.fetch_add(1, Ordering::SeqCst);
-                let st = st.clone();
+                let (st, acceptor) = (st.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, std::convert::Infallible>(serve(req, st).await) }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let Some(acceptor) = acceptor else { return serve_h2(stream, st).await };
+                    let Ok(Ok(tls)) = tokio::time::timeout(DEADLINE, acceptor.accept(stream)).await else {
+                        return;
+                    };
+                    let alpn =
+                        tls.get_ref().1.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+                    st.alpn.lock().expect("alpn lock").push(alpn.unwrap_or_else(|| "-".to_owned()));
+                    serve_h2(tls, st).await
                 });
             }
         });
-        Self { addr, state, task }
+        Self { addr, state, task, tls: tls.is_some() }
     }
 
-    /// `http://127.0.0.1:PORT`, for a route with `upstream_protocol = "h2"`.
+    /// `http://127.0.0.1:PORT` (or `https://`), for a route with `upstream_protocol = "h2"`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The ALPN protocol each TLS connection chose so far (`-` for none).
+    pub fn alpn(&self) -> Vec<String> {
+        self.state.alpn.lock().expect("alpn lock").clone()
     }
 
     /// TCP connections accepted so far.
@@ -189,6 +212,19 @@ impl Drop for GrpcUpstream {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+async fn serve_h2<IO>(io: IO, st: Arc<State>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let st = st.clone();
+        async move { Ok::<_, std::convert::Infallible>(serve(req, st).await) }
+    });
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<CountReply, Status>> + Send>>;

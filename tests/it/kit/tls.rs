@@ -50,6 +50,11 @@ impl TestCa {
         Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
     }
 
+    /// Writes the CA certificate to `NAME` in `dir` (for a route's `ca_file`).
+    pub fn write_to(&self, dir: &TempDir, name: &str) -> String {
+        dir.write(name, &self.cert.pem()).display().to_string()
+    }
+
     /// A rustls client that trusts only this CA and offers `alpn` (e.g. `["h2"]`).
     pub fn client_config(&self, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
@@ -66,6 +71,22 @@ impl TestCa {
 }
 
 impl Leaf {
+    /// A rustls server presenting this leaf and offering `alpn` (e.g. `["h2"]`).
+    pub fn server_config(&self, alpn: &[&str]) -> Arc<rustls::ServerConfig> {
+        use rustls_pki_types::pem::PemObject;
+        let key =
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("leaf key PEM");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![self.der.clone()], key)
+            .expect("leaf certificate and key");
+        cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Arc::new(cfg)
+    }
+
     /// Writes `STEM.pem` and `STEM.key` into `dir`; returns both paths as TOML-ready strings.
     pub fn write_to(&self, dir: &TempDir, stem: &str) -> (String, String) {
         let cert = dir.write(&format!("{stem}.pem"), &self.cert_pem);
