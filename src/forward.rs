@@ -9,11 +9,13 @@ pub mod identity;
 pub mod tunnel;
 pub mod upstream;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::auth::Admitted;
@@ -154,9 +156,22 @@ impl Forwarder {
         headers::join_cookies(h);
         self.identity.write(h, admitted);
 
-        let body: Body = match self.max_request_body {
-            Some(limit) => Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed(),
-            None => body.map_err(BoxError::from).boxed(),
+        // Over HTTP/2 the body's error only resets the stream and the exchange
+        // fails without it as a cause: the overrun is noted here instead.
+        let overrun = self.max_request_body.map(|_| Arc::new(AtomicBool::new(false)));
+        let body: Body = match (self.max_request_body, &overrun) {
+            (Some(limit), Some(overrun)) => {
+                let overrun = overrun.clone();
+                Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+                    .map_err(move |e| {
+                        if e.is::<LengthLimitError>() {
+                            overrun.store(true, Ordering::Release);
+                        }
+                        e
+                    })
+                    .boxed()
+            }
+            _ => body.map_err(BoxError::from).boxed(),
         };
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, backend.send(Request::from_parts(parts, body))).await;
@@ -171,7 +186,10 @@ impl Forwarder {
             }
             Ok(Err(e)) => {
                 return Err(match (e, self.max_request_body) {
-                    (e, Some(limit)) if e.body_too_large() => {
+                    (e, Some(limit))
+                        if e.body_too_large()
+                            || overrun.as_ref().is_some_and(|o| o.load(Ordering::Acquire)) =>
+                    {
                         ForwardError::BodyTooLarge { route: route(), limit }
                     }
                     (UpstreamError::ConnectTimeout, _) => {

@@ -11,11 +11,12 @@
 //!
 //! With `upstream_protocol = "h2"` each worker instead keeps one HTTP/2
 //! connection per upstream and multiplexes its requests on it (a new one when
-//! it closes), so many client connections share a handful of upstream ones.
+//! it closes, made once for a burst of requests), so many client connections
+//! share a handful of upstream ones.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -147,7 +148,26 @@ pub struct Backend {
 }
 
 /// One slot per worker for its HTTP/2 connection to an upstream.
-type H2Shards = Box<[Mutex<Option<http2::SendRequest<Body>>>]>;
+type H2Shards = Box<[H2Slot]>;
+
+/// A worker's HTTP/2 connection to one upstream, and the making of it.
+#[derive(Default)]
+struct H2Slot {
+    sender: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Held while a connection is made, so a burst of requests on a cold slot
+    /// shares one connection instead of each making its own. Holds whether the
+    /// last failed attempt timed out.
+    connecting: tokio::sync::Mutex<bool>,
+    /// Failed attempts so far: a request that waited through one fails with it
+    /// rather than trying again in turn (a dead upstream would make them queue).
+    failures: AtomicU64,
+}
+
+impl H2Slot {
+    fn live(&self) -> Option<http2::SendRequest<Body>> {
+        self.sender.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|s| !s.is_closed())
+    }
+}
 
 impl Backend {
     /// The origin-form target for `path` (already normalised) and `query` (as sent).
@@ -201,16 +221,16 @@ impl Backend {
 
     /// Sends `req` over this worker's HTTP/2 connection, making one when there
     /// is none (or it has closed); a request the old connection refused unsent
-    /// goes once more on a new one.
+    /// goes once more on a new one. One request at a time makes the connection;
+    /// those that arrive meanwhile wait for it and share it (or its failure).
     async fn send_h2(
         &self,
-        shards: &[Mutex<Option<http2::SendRequest<Body>>>],
+        shards: &[H2Slot],
         req: Request<Body>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let shard = &shards[SHARD.with(|s| s.get()) % shards.len()];
+        let slot = &shards[SHARD.with(|s| s.get()) % shards.len()];
         let mut req = self.h2_request(req);
-        let cached = shard.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|s| !s.is_closed());
-        if let Some(mut sender) = cached {
+        if let Some(mut sender) = slot.live() {
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(|inner| PooledBody { inner, give_back: None })),
                 Err(mut e) => match e.take_message() {
@@ -219,11 +239,43 @@ impl Backend {
                 },
             }
         }
-        let mut sender = match self.tls_stream().await? {
-            Stream::Plain(tcp) => handshake_h2(tcp).await?,
-            Stream::Tls(tls) => handshake_h2(tls).await?,
+        let failures = slot.failures.load(Ordering::Acquire);
+        let mut sender = {
+            let mut timed_out = slot.connecting.lock().await;
+            match slot.live() {
+                // Made while this request waited.
+                Some(sender) => sender,
+                None if slot.failures.load(Ordering::Acquire) != failures => {
+                    return Err(if *timed_out {
+                        UpstreamError::ConnectTimeout
+                    } else {
+                        UpstreamError::Connect(std::io::Error::other("the shared upstream connection failed"))
+                    });
+                }
+                None => {
+                    let made = match self.tls_stream().await {
+                        Ok(Stream::Plain(tcp)) => handshake_h2(tcp).await,
+                        Ok(Stream::Tls(tls)) => handshake_h2(tls).await,
+                        Err(e) => Err(e),
+                    };
+                    match made {
+                        Ok(sender) => {
+                            *slot.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+                            sender
+                        }
+                        Err(e) => {
+                            *timed_out = match &e {
+                                UpstreamError::ConnectTimeout => true,
+                                UpstreamError::Connect(io) => io.kind() == std::io::ErrorKind::TimedOut,
+                                _ => false,
+                            };
+                            slot.failures.fetch_add(1, Ordering::Release);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
         };
-        *shard.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
         let resp = sender.send_request(req).await.map_err(UpstreamError::Exchange)?;
         Ok(resp.map(|inner| PooledBody { inner, give_back: None }))
     }
@@ -413,7 +465,7 @@ impl Upstream {
                 tls,
                 connect_timeout,
                 pool: Arc::new(Pool::new()),
-                h2: h2.then(|| (0..shards()).map(|_| Mutex::new(None)).collect()),
+                h2: h2.then(|| (0..shards()).map(|_| H2Slot::default()).collect()),
             });
         }
         Ok(Self { backends, next: AtomicUsize::new(0) })

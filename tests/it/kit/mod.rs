@@ -27,11 +27,13 @@
 //! - [`metrics`]: the one `/metrics` parser;
 //! - [`tls`]: a test CA and a TLS client trusting it;
 //! - [`websocket`]: a WebSocket client through the proxy, and the end of its tunnel;
+//! - [`grpc`]: a gRPC upstream and a gRPC client, tonic on both ends;
 //! - `redis`: a throwaway `redis-server`;
 //! - [`haproxy`]: a real HAProxy on `examples/rollout/haproxy.cfg`, and its stats.
 
 pub mod client;
 pub mod config;
+pub mod grpc;
 pub mod haproxy;
 pub mod idp;
 pub mod introspect;
@@ -62,7 +64,7 @@ pub use proxy::{
     portcullis, readyz, revocations, revoke, wait_ready, Finished, Instance, Proxy, ProxyProcess,
 };
 pub use redis::{RedisServer, SlowLink};
-pub use tls::{alpn, presented_leaf, send_over, tls_connect, Leaf, TestCa};
+pub use tls::{alpn, open_over, presented_leaf, send_over, tls_connect, Leaf, TestCa};
 pub use upstream::{
     channel_body, count_pattern, garbage_upstream, Blackhole, Body, Pattern, Refused, Upstream,
 };

@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::Request;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -49,6 +50,11 @@ impl TestCa {
         Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
     }
 
+    /// Writes the CA certificate to `NAME` in `dir` (for a route's `ca_file`).
+    pub fn write_to(&self, dir: &TempDir, name: &str) -> String {
+        dir.write(name, &self.cert.pem()).display().to_string()
+    }
+
     /// A rustls client that trusts only this CA and offers `alpn` (e.g. `["h2"]`).
     pub fn client_config(&self, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
@@ -65,6 +71,22 @@ impl TestCa {
 }
 
 impl Leaf {
+    /// A rustls server presenting this leaf and offering `alpn` (e.g. `["h2"]`).
+    pub fn server_config(&self, alpn: &[&str]) -> Arc<rustls::ServerConfig> {
+        use rustls_pki_types::pem::PemObject;
+        let key =
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("leaf key PEM");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![self.der.clone()], key)
+            .expect("leaf certificate and key");
+        cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Arc::new(cfg)
+    }
+
     /// Writes `STEM.pem` and `STEM.key` into `dir`; returns both paths as TOML-ready strings.
     pub fn write_to(&self, dir: &TempDir, stem: &str) -> (String, String) {
         let cert = dir.write(&format!("{stem}.pem"), &self.cert_pem);
@@ -98,7 +120,14 @@ pub fn presented_leaf(stream: &TlsStream<TcpStream>) -> rustls_pki_types::Certif
 
 /// Sends one request on an established TLS stream, in HTTP/2 if ALPN chose `h2`,
 /// else HTTP/1.1, and reads the whole answer.
-pub async fn send_over(stream: TlsStream<TcpStream>, mut req: Request<Body>) -> Reply {
+pub async fn send_over(stream: TlsStream<TcpStream>, req: Request<Body>) -> Reply {
+    let exchange = async { Reply::read(open_over(stream, req).await).await.expect("read response") };
+    tokio::time::timeout(DEADLINE, exchange).await.expect("TLS exchange within the deadline")
+}
+
+/// Like [`send_over`], but returns as soon as the response headers are in, the body
+/// left to stream.
+pub async fn open_over(stream: TlsStream<TcpStream>, mut req: Request<Body>) -> Response<Incoming> {
     let io = TokioIo::new(stream);
     // A connection-level HTTP/1.1 client writes no Host of its own; every HTTP/1.1 request needs one.
     if let Some(a) = req.uri().authority().map(|a| a.to_string()) {
@@ -106,17 +135,21 @@ pub async fn send_over(stream: TlsStream<TcpStream>, mut req: Request<Body>) -> 
     }
     let h2 = io.inner().get_ref().1.alpn_protocol() == Some(b"h2");
     let exchange = async {
-        let resp = if h2 {
+        if h2 {
             let (mut sender, conn) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("h2 handshake");
-            tokio::spawn(conn);
+            // The connection lives until the server ends it, so a streamed body can finish.
+            let keep = sender.clone();
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(keep);
+            });
             sender.send_request(req).await.expect("h2 request")
         } else {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.expect("h1 handshake");
             tokio::spawn(conn);
             sender.send_request(req).await.expect("h1 request")
-        };
-        Reply::read(resp).await.expect("read response")
+        }
     };
-    tokio::time::timeout(DEADLINE, exchange).await.expect("TLS exchange within the deadline")
+    tokio::time::timeout(DEADLINE, exchange).await.expect("response headers within the deadline")
 }

@@ -8,6 +8,8 @@
 //! - `…/slow?ms=N`: waits N ms before answering the echo;
 //! - `…/stream?bytes=N`: answers N bytes of [`Pattern`], produced lazily;
 //! - `…/gate`: sends `first\n`, waits for [`Upstream::open_gate`], then sends `second\n`;
+//! - `…/events`: the same as server-sent events (`text/event-stream`): event `1`,
+//!   the gate, event `2`;
 //! - `…/hop-headers`: answers with hop-by-hop headers the proxy must remove;
 //! - any request with `Upgrade: websocket`: a WebSocket echo, counted while open
 //!   ([`Upstream::websockets`]) so a test can see the proxy closed the upstream side too;
@@ -215,6 +217,20 @@ async fn handle(req: Request<Incoming>, st: Arc<State>) -> Response<Body> {
                 let _ = tx.send(Bytes::from_static(b"second\n")).await;
             });
             Response::new(body.boxed_body())
+        }
+        "events" => {
+            let (tx, body) = channel_body();
+            let st = st.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from_static(b"id: 1\ndata: one\n\n")).await;
+                st.gate.notified().await;
+                let _ = tx.send(Bytes::from_static(b"id: 2\ndata: two\n\n")).await;
+            });
+            let mut resp = Response::new(body.boxed_body());
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            resp
         }
         "hop-headers" => {
             let mut resp = Response::new(full("hop"));
