@@ -578,3 +578,54 @@ async fn no_token_or_client_secret_reaches_the_log() {
     ));
     assert!(!log.contains(&basic), "the client's Basic credentials appear in the log:\n{log}");
 }
+
+#[tokio::test]
+async fn an_opaque_session_token_whose_answer_has_no_exp_is_refreshed_by_its_expires_in() {
+    let ins = IntrospectionServer::start().await;
+    let up = Upstream::start().await;
+    let idp = TestIdp::start().await;
+    // The token response says 4 s; the introspection answer names no exp, so
+    // without expires_in the token would count as good for the whole 60 s cache.
+    idp.set_access_ttl(4);
+    let answers = ins.answers();
+    idp.set_opaque_access(move |token, claims| {
+        let mut answer = active(claims["sub"].as_str().unwrap(), 0);
+        answer.as_object_mut().unwrap().remove("exp");
+        answers.set(token, answer);
+    });
+    let toml = Config::new()
+        .table(ins.issuer_table("legacy", "cache = \"60s\""))
+        .table(idp.auth_server_table())
+        .table(session_table().set("refresh_ahead", "1s"))
+        .raw(&legacy_route(&up))
+        .toml();
+    let mut env = crate::kit::session::env_with_keys(&[[7; 32]]);
+    env.insert(SECRET_ENV.to_owned(), CLIENT_SECRET.to_owned());
+    let proxy = Proxy::start_with(&toml, &env, Path::new(".")).await;
+    wait_ready(&proxy).await;
+
+    let (_, jar) = crate::kit::session::login(&proxy, "alice").await;
+    let first = crate::kit::session::api(&proxy, &jar).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let logged_in = now();
+    assert_eq!(
+        idp.token_calls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a fresh token needs no refresh"
+    );
+
+    // The same cookies until the proxy refreshes: due 3 s after login (4 s − refresh_ahead).
+    let r = crate::kit::session::poll_until(
+        "a transparent refresh of the opaque token",
+        Duration::from_secs(15),
+        || jar.on(get(proxy.url("/api/orders"))),
+        |_| idp.token_calls.load(std::sync::atomic::Ordering::SeqCst) > 0,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(now() >= logged_in + 2, "refreshed before the token was due");
+    assert!(
+        crate::kit::session::set_cookie(&r, crate::kit::session::ACCESS).is_some(),
+        "the refreshed access cookie comes back"
+    );
+}

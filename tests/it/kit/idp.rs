@@ -144,7 +144,12 @@ struct Inner {
     end_session: bool,
     /// The query of every request to the end-session endpoint, in order.
     end_session_requests: Vec<HashMap<String, String>>,
+    /// Access tokens are opaque strings, each handed with its claims to this hook.
+    opaque: Option<OpaqueHook>,
 }
+
+/// Told every opaque access token issued, with the claims it stands for.
+type OpaqueHook = Arc<dyn Fn(&str, &Value) + Send + Sync>;
 
 pub struct TestIdp {
     pub addr: SocketAddr,
@@ -199,6 +204,7 @@ impl TestIdp {
             issued_id_tokens: Vec::new(),
             end_session: true,
             end_session_requests: Vec::new(),
+            opaque: None,
         }));
         let server = Handles {
             issuer: format!("http://{addr}"),
@@ -316,6 +322,11 @@ impl TestIdp {
     #[allow(dead_code, reason = "no suite rotates the signing key yet")]
     pub fn set_signing_key(&self, kid: &str) {
         self.inner.lock().unwrap().signing_kid = kid.to_owned();
+    }
+    /// From now on access tokens are opaque (for RFC 7662 introspection); `hook`
+    /// learns each one with its claims, e.g. to teach an introspection endpoint.
+    pub fn set_opaque_access(&self, hook: impl Fn(&str, &Value) + Send + Sync + 'static) {
+        self.inner.lock().unwrap().opaque = Some(Arc::new(hook));
     }
     pub fn set_access_ttl(&self, secs: i64) {
         self.inner.lock().unwrap().access_ttl = secs;
@@ -484,14 +495,25 @@ impl Handles {
 
     /// An access token of the session `family`: with its `sid` when ID tokens are on.
     fn mint_access(&self, family: usize) -> (String, i64) {
-        let (kid, ttl, sub, sid) = {
+        let (kid, ttl, sub, sid, opaque) = {
             let g = self.inner.lock().unwrap();
             let f = &g.families[family];
-            (g.signing_kid.clone(), g.access_ttl, f.sub.clone(), g.id_tokens.then(|| f.sid.clone()))
+            (
+                g.signing_kid.clone(),
+                g.access_ttl,
+                f.sub.clone(),
+                g.id_tokens.then(|| f.sid.clone()),
+                g.opaque.clone(),
+            )
         };
         let mut claims = self.claims(&sub, ttl);
         if let Some(sid) = sid {
             claims["sid"] = json!(sid);
+        }
+        if let Some(hook) = opaque {
+            let token = super::introspect::opaque_token();
+            hook(&token, &claims);
+            return (token, ttl);
         }
         (sign(&kid, &claims), ttl)
     }

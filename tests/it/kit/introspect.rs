@@ -101,6 +101,16 @@ struct Shared {
     open: watch::Sender<bool>,
 }
 
+/// Sets the endpoint's answers; see [`IntrospectionServer::answers`].
+#[derive(Clone)]
+pub struct Answers(Arc<Mutex<Inner>>);
+
+impl Answers {
+    pub fn set(&self, token: &str, answer: Value) {
+        self.0.lock().unwrap().answers.insert(token.to_owned(), answer);
+    }
+}
+
 pub struct IntrospectionServer {
     pub addr: SocketAddr,
     shared: Shared,
@@ -174,6 +184,11 @@ impl IntrospectionServer {
     /// Answers `answer` for `token` from now on (rotating an earlier answer).
     pub fn set(&self, token: &str, answer: Value) {
         self.shared.inner.lock().unwrap().answers.insert(token.to_owned(), answer);
+    }
+
+    /// A handle that sets answers from elsewhere (e.g. the test IdP as it issues tokens).
+    pub fn answers(&self) -> Answers {
+        Answers(self.shared.inner.clone())
     }
 
     /// Forgets `token`: it is inactive from now on.
