@@ -108,23 +108,29 @@ impl Default for Revocations {
 impl Revocations {
     pub fn insert(&self, r: &Revocation) {
         let until = r.expires_at();
-        // A later cut-off denies more; keep the widest one.
+        // A later cut-off denies more; keep the widest one. Whether it denies
+        // more than before decides if open tunnels hear of it.
         let widen = |map: &DashMap<String, (i64, i64)>, id: &str, before: i64| {
-            let mut e = map.entry(id.to_owned()).or_insert((before, until));
+            let mut fresh = false;
+            let mut e = map.entry(id.to_owned()).or_insert_with(|| {
+                fresh = true;
+                (before, until)
+            });
+            let wider = fresh || before > e.0;
             e.0 = e.0.max(before);
             e.1 = e.1.max(until);
+            wider
         };
-        match r {
-            Revocation::Jti { jti, exp } => {
-                self.by_jti.insert(jti.clone(), *exp);
-            }
+        let news = match r {
+            Revocation::Jti { jti, exp } => self.by_jti.insert(jti.clone(), *exp).is_none(),
             Revocation::Sub { sub, issued_before, .. } => widen(&self.by_sub, sub, *issued_before),
             Revocation::Sid { sid, issued_before, .. } => widen(&self.by_sid, sid, *issued_before),
-            Revocation::Session { session, exp } => {
-                self.by_session.insert(session.clone(), *exp);
-            }
+            Revocation::Session { session, exp } => self.by_session.insert(session.clone(), *exp).is_none(),
+        };
+        // The fleet's periodic resync re-inserts every entry: only news wakes tunnels.
+        if news {
+            let _ = self.added.send(r.clone());
         }
-        let _ = self.added.send(r.clone());
     }
 
     /// New entries from now on.
@@ -198,6 +204,22 @@ mod tests {
         assert!(r.is_revoked(None, Some("alice"), Some(1)));
         r.sweep(50 + DEFAULT_SUB_RETENTION + 1);
         assert!(!r.is_revoked(None, Some("alice"), Some(1)));
+    }
+
+    #[test]
+    fn only_entries_that_deny_more_reach_the_tunnels() {
+        let r = Revocations::default();
+        let mut heard = r.subscribe();
+        let sub = |before| Revocation::Sub { sub: "alice".into(), issued_before: before, exp: None };
+        for entry in [Revocation::Jti { jti: "a".into(), exp: 100 }, sub(50), sub(60)] {
+            r.insert(&entry);
+            assert_eq!(heard.try_recv().ok(), Some(entry));
+        }
+        // A resync inserts what is known again, or narrower.
+        r.insert(&Revocation::Jti { jti: "a".into(), exp: 100 });
+        r.insert(&sub(60));
+        r.insert(&sub(55));
+        assert!(heard.try_recv().is_err());
     }
 
     #[test]
