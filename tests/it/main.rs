@@ -22,6 +22,7 @@ mod explain;
 mod fleet;
 mod forward_auth;
 mod forwarding;
+mod front_proxies;
 mod identity_headers;
 mod introspection;
 mod jwks_lifecycle;
