@@ -283,7 +283,7 @@ async fn caddy_a_client_supplied_original_uri_does_not_choose_the_route() {
 
 async fn an_expired_access_cookie_is_refreshed_once_and_every_new_cookie_reaches_the_client(kind: Kind) {
     let (idp, up, _proxy, front) = setup(kind).await;
-    idp.set_access_ttl(10); // the login's access token needs a refresh at once
+    idp.set_access_ttl(-120); // expired well beyond the 30 s leeway
     let (_, jar) = login(&front, "alice").await;
     idp.set_access_ttl(300);
     let calls = token_calls(&idp);
