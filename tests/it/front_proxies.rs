@@ -177,13 +177,16 @@ fn reached(up: &Upstream) -> Vec<(String, String)> {
     up.seen().into_iter().filter(|(_, p)| p != PROBE).collect()
 }
 
-/// Refusals reach the client with portcullis' JSON body through Caddy; nginx
-/// answers with its own error page (the status and headers are portcullis').
-fn assert_refusal(front: &Front, r: &Reply, status: u16, code: &str) {
+/// A refusal for `code` at the client, counted once by portcullis. Caddy passes
+/// portcullis' JSON body on; nginx answers with its own error page (status and
+/// headers are portcullis').
+async fn assert_refusal(front: &Front, r: &Reply, status: u16, code: &str) {
     assert_eq!(r.status, status, "{:?}: {}", front.kind, r.text());
     if front.kind == Kind::Caddy {
         r.assert_error(status, code);
     }
+    let series = format!("portcullis_auth_rejections_total{{reason=\"{code}\"}}");
+    assert_eq!(metric(front, &series).await, 1.0, "{:?}: {series}", front.kind);
 }
 
 // === a valid bearer ===
@@ -229,7 +232,7 @@ async fn caddy_a_valid_bearer_reaches_the_upstream_with_portcullis_identity_only
 async fn no_token_is_401_at_the_client_and_a_public_route_passes_anonymous(kind: Kind) {
     let (_idp, up, _proxy, front) = setup(kind).await;
     let r = get(front.url("/api/orders")).header("x-auth-subject", "mallory").send().await;
-    assert_refusal(&front, &r, 401, "missing_token");
+    assert_refusal(&front, &r, 401, "missing_token").await;
     let www = r.header("www-authenticate").unwrap_or_default();
     assert!(www.starts_with("Bearer realm=\"portcullis\""), "{kind:?}: WWW-Authenticate {www:?}");
     assert!(reached(&up).is_empty(), "{kind:?}: {:?}", up.seen());
@@ -335,7 +338,7 @@ async fn an_ended_session_is_401_with_its_cookies_cleared_at_the_client(kind: Ki
     let (_, jar) = login(&front, "alice").await;
     idp.revoke_all_sessions();
     let r = jar.on(get(front.url("/api/orders"))).send().await;
-    assert_refusal(&front, &r, 401, "session_expired");
+    assert_refusal(&front, &r, 401, "session_expired").await;
     assert_cleared(&r, ACCESS);
     assert_cleared(&r, REFRESH);
     assert!(reached(&up).is_empty(), "{kind:?}: {:?}", up.seen());
@@ -358,7 +361,7 @@ async fn a_cross_origin_cookie_post_is_403_and_a_same_origin_one_passes(kind: Ki
     let (_, jar) = login(&front, "alice").await;
     let r =
         jar.on(post(front.url("/api/orders"), "{}")).header("origin", "https://evil.example").send().await;
-    assert_refusal(&front, &r, 403, "csrf");
+    assert_refusal(&front, &r, 403, "csrf").await;
     assert!(reached(&up).is_empty(), "{kind:?}: {:?}", up.seen());
 
     // The origin check reads the original scheme and host through the front proxy.
