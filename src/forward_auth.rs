@@ -5,7 +5,8 @@
 //! and the extra headers of the answer.
 //!
 //! The listener is the front proxy's alone (bind it to loopback or a private
-//! network): these headers are trusted as the front proxy wrote them.
+//! network): these headers are trusted as the front proxy wrote them. Where
+//! both conventions name the method, URI or (for nginx) host, they must agree.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request};
@@ -34,16 +35,25 @@ pub struct Original {
 }
 
 /// Reads the original request; `Err` is a `400 bad_request`.
+///
+/// A front proxy writes one convention and may pass a client's copy of the
+/// other (nginx forwards every client header to the auth subrequest), so the
+/// two must agree: a client must not choose the route or method asked about.
 pub fn read<B>(req: &Request<B>, conn: &Conn) -> Result<Original, &'static str> {
     let h = req.headers();
-    let method = match one(h, &X_FORWARDED_METHOD)?.or(one(h, &X_ORIGINAL_METHOD)?) {
+    let method = agree(one(h, &X_FORWARDED_METHOD)?, one(h, &X_ORIGINAL_METHOD)?)?;
+    let method = match method {
         Some(v) => Method::from_bytes(v.as_bytes()).map_err(|_| "the original method is not a method")?,
         None => req.method().clone(),
     };
-    let uri = one(h, &X_FORWARDED_URI)?.or(one(h, &X_ORIGINAL_URI)?);
-    let host = match one(h, &X_FORWARDED_HOST)? {
-        Some(v) => Some(v),
-        None => one(h, &header::HOST)?,
+    let forwarded_uri = one(h, &X_FORWARDED_URI)?;
+    let nginx = forwarded_uri.is_none() && h.contains_key(&X_ORIGINAL_URI);
+    let uri = agree(forwarded_uri, one(h, &X_ORIGINAL_URI)?)?;
+    let host = match (one(h, &X_FORWARDED_HOST)?, nginx) {
+        // nginx names the original host in `Host`.
+        (forwarded, true) => agree(one(h, &header::HOST)?, forwarded)?,
+        (Some(v), false) => Some(v),
+        (None, false) => one(h, &header::HOST)?,
     };
     let target = match uri {
         Some(v) => {
@@ -77,6 +87,17 @@ fn one<'a>(h: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a HeaderValue
             Ok(Some(v))
         }
         _ => Err("a forwarded request header holds more than one value"),
+    }
+}
+
+/// The value both conventions name, refusing two different ones.
+fn agree<'a>(
+    a: Option<&'a HeaderValue>,
+    b: Option<&'a HeaderValue>,
+) -> Result<Option<&'a HeaderValue>, &'static str> {
+    match (a, b) {
+        (Some(a), Some(b)) if a != b => Err("the forwarded and original request headers disagree"),
+        (a, b) => Ok(a.or(b)),
     }
 }
 
@@ -134,6 +155,20 @@ mod tests {
     }
 
     #[test]
+    fn conventions_that_agree_are_read_as_one() {
+        let r = req(&[
+            ("host", "api.example.com"),
+            ("x-original-method", "POST"),
+            ("x-forwarded-method", "POST"),
+            ("x-original-uri", "/a/b"),
+            ("x-forwarded-host", "api.example.com"),
+        ]);
+        let o = read(&r, &conn()).unwrap();
+        assert_eq!((o.method, o.target.path()), (Method::POST, "/a/b"));
+        assert_eq!(o.target.authority_str(), Some("api.example.com"));
+    }
+
+    #[test]
     fn envoy_sends_the_original_as_the_subrequest() {
         let r = req(&[("host", "api.example.com")]);
         let o = read(&r, &conn()).unwrap();
@@ -149,6 +184,14 @@ mod tests {
             vec![("x-forwarded-uri", "/a/../../etc")],
             vec![("x-forwarded-proto", "gopher")],
             vec![("x-forwarded-method", "GE T")],
+        ] {
+            assert!(read(&req(&bad), &conn()).is_err(), "{bad:?}");
+        }
+        // A client's copy of the other convention, passed on by the front proxy.
+        for bad in [
+            vec![("x-original-uri", "/api/x"), ("x-forwarded-uri", "/open/x")],
+            vec![("x-original-method", "POST"), ("x-forwarded-method", "GET")],
+            vec![("host", "api.example.com"), ("x-original-uri", "/a"), ("x-forwarded-host", "open.example")],
         ] {
             assert!(read(&req(&bad), &conn()).is_err(), "{bad:?}");
         }

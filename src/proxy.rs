@@ -116,6 +116,11 @@ async fn decide_only(
     let admitted = admit(found, conn, own, snap, rt, session.as_ref(), record).await?;
     let route = record.route.as_ref().ok_or(ProxyError::NoRoute)?;
     let mut resp = Response::new(crate::body::empty());
+    // The answer carries what the upstream of a proxied request would get, so a
+    // front proxy that sets Authorization from it (nginx) keeps a client's bearer.
+    if let Some(a) = req.headers().get(http::header::AUTHORIZATION) {
+        resp.headers_mut().insert(http::header::AUTHORIZATION, a.clone());
+    }
     route.identity.write(resp.headers_mut(), &admitted);
     Ok(resp)
 }

@@ -21,6 +21,14 @@ forward_token = true
 [routes.identity_headers]
 "X-User-Id" = "sub"
 
+[[routes]]
+name = "blind"
+path_prefix = "/blind"
+auth = "required"
+issuer = "main"
+audiences = ["orders-api"]
+forward_token = false
+
 [forward_auth]
 listen = "127.0.0.1:0"
 "#
@@ -75,6 +83,20 @@ async fn a_valid_bearer_is_answered_200_with_identity_headers_in_each_convention
 }
 
 #[tokio::test]
+async fn a_bearer_comes_back_as_authorization_only_with_forward_token() {
+    let (idp, _up, proxy) = setup(&opts()).await;
+    let token = idp.access_token("alice", 300);
+    // What the upstream of a proxied request would get: nginx sets Authorization
+    // from the answer, so an answer without it would drop the client's bearer.
+    let r = traefik(&proxy, "GET", "/internal/orders").bearer(&token).send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("authorization"), Some(format!("Bearer {token}").as_str()));
+    let r = traefik(&proxy, "GET", "/blind/orders").bearer(&token).send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("authorization"), None, "forward_token = false");
+}
+
+#[tokio::test]
 async fn refusals_are_the_answers_a_proxied_request_gets() {
     let (idp, _up, proxy) = setup(&opts()).await;
     let r = traefik(&proxy, "GET", "/internal/x").send().await;
@@ -106,6 +128,32 @@ async fn the_original_path_is_normalised_before_the_route_is_chosen() {
     let r =
         traefik(&proxy, "GET", "/internal/x").header("x-forwarded-method", "GET").bearer(&token).send().await;
     assert_eq!(r.status, 400, "two X-Forwarded-Method fields: {}", r.text());
+}
+
+#[tokio::test]
+async fn a_client_copy_of_the_other_convention_does_not_choose_the_route() {
+    let (_idp, _up, proxy) = setup(&opts()).await;
+    // nginx writes X-Original-*, and passes on what the client sent besides:
+    // a public route named there must not stand for the one asked about.
+    let nginx = |name: &str, value: &str| {
+        get(fa(&proxy, "/auth"))
+            .header("host", "api.example.com")
+            .header("x-original-method", "GET")
+            .header("x-original-uri", "/internal/x")
+            .header(name, value)
+    };
+    for (name, value) in [
+        ("x-forwarded-uri", "/open/x"),
+        ("x-forwarded-method", "OPTIONS"),
+        ("x-forwarded-host", "other.example"),
+    ] {
+        let r = nginx(name, value).send().await;
+        assert_eq!(r.status, 400, "{name}: {}", r.text());
+        assert_eq!(r.json()["error"], "bad_request");
+    }
+    // A copy that says the same thing changes nothing.
+    let r = nginx("x-forwarded-uri", "/internal/x").send().await;
+    assert_eq!(r.status, 401, "{}", r.text());
 }
 
 #[tokio::test]

@@ -22,6 +22,7 @@ mod explain;
 mod fleet;
 mod forward_auth;
 mod forwarding;
+mod front_proxies;
 mod grpc;
 mod identity_headers;
 mod introspection;
