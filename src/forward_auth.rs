@@ -21,6 +21,11 @@ static X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
 static X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
 static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
 
+/// The client's `Cookie` without the proxy's own cookies (empty when none is
+/// left), on answers to subrequests that carried one: the front proxy sends it
+/// upstream in place of the client's, as a proxied request would be sent.
+pub static UPSTREAM_COOKIE: HeaderName = HeaderName::from_static("x-portcullis-cookie");
+
 /// The prefix of the numbered copies of each `Set-Cookie` of an answer
 /// (`X-Portcullis-Set-Cookie-1`, `-2`, …): nginx's `$upstream_http_set_cookie`
 /// holds only the first `Set-Cookie`, but it can copy numbered headers one by one.

@@ -121,6 +121,18 @@ async fn decide_only(
     if let Some(a) = req.headers().get(http::header::AUTHORIZATION) {
         resp.headers_mut().insert(http::header::AUTHORIZATION, a.clone());
     }
+    // The front proxy forwards the client's Cookie itself: this is it without the
+    // proxy's own cookies, for the front proxy to send upstream instead.
+    if req.headers().contains_key(http::header::COOKIE) {
+        let mut cookies = http::HeaderMap::new();
+        for v in req.headers().get_all(http::header::COOKIE) {
+            cookies.append(http::header::COOKIE, v.clone());
+        }
+        crate::forward::headers::scrub_cookies(&mut cookies, &snap.own_cookies);
+        crate::forward::headers::join_cookies(&mut cookies);
+        let kept = cookies.remove(http::header::COOKIE).unwrap_or(http::HeaderValue::from_static(""));
+        resp.headers_mut().insert(crate::forward_auth::UPSTREAM_COOKIE.clone(), kept);
+    }
     route.identity.write(resp.headers_mut(), &admitted);
     Ok(resp)
 }

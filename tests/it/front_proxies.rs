@@ -369,6 +369,14 @@ async fn a_cross_origin_cookie_post_is_403_and_a_same_origin_one_passes(kind: Ki
     let echo = r.echo();
     assert_eq!((echo.method.as_str(), echo.body_len), ("POST", 2), "{kind:?}");
     assert_eq!(echo.header("x-auth-subject"), Some("alice"), "{kind:?}");
+    assert_eq!(echo.header("cookie"), None, "{kind:?}: the session cookies reached the upstream");
+
+    // The client's other cookies pass; the proxy's own never reach the upstream.
+    let mut with_theme = jar.clone();
+    with_theme.set("theme", "dark");
+    let echo = with_theme.on(get(front.url("/api/orders"))).send().await.echo();
+    assert_eq!(echo.header("x-auth-subject"), Some("alice"), "{kind:?}");
+    assert_eq!(echo.header("cookie"), Some("theme=dark"), "{kind:?}: {echo:?}");
 }
 
 #[tokio::test]
