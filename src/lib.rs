@@ -48,6 +48,7 @@ pub(crate) mod session;
 pub(crate) mod state;
 pub(crate) mod target;
 pub(crate) mod tls;
+pub(crate) mod trace;
 
 #[doc(hidden)]
 pub mod bench;

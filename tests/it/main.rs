@@ -41,3 +41,4 @@ mod rules;
 mod security_bypasses;
 mod shutdown;
 mod tls;
+mod tracing;
