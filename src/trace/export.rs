@@ -52,15 +52,20 @@ impl Exporter {
     pub fn start(settings: TracingSettings, metrics: Arc<Metrics>) -> Result<Self, rustls::Error> {
         let client = crate::oauth::outbound_client(EXPORT_TIMEOUT)?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let threshold = match settings.sample_ratio {
-            r if r >= 1.0 => u64::MAX,
-            r if r <= 0.0 => 0,
-            r => (r * u64::MAX as f64) as u64,
-        };
         let url = traces_url(&settings.otlp_endpoint);
         let task = Task { client, url, resource: resource(&settings.service_name), metrics: metrics.clone() };
         tokio::spawn(task.run(rx));
-        Ok(Self { inner: Arc::new(Inner { tx, threshold, metrics, settings }) })
+        Ok(Self::with_queue(tx, settings, metrics))
+    }
+
+    /// An exporter whose spans go to `tx` (the benchmarks drain it themselves).
+    pub(crate) fn with_queue(
+        tx: mpsc::Sender<Span>,
+        settings: TracingSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let threshold = threshold(settings.sample_ratio);
+        Self { inner: Arc::new(Inner { tx, threshold, metrics, settings }) }
     }
 
     /// Whether a new trace is recorded (`sample_ratio`).
@@ -78,6 +83,14 @@ impl Exporter {
         if self.inner.tx.try_send(span).is_err() {
             self.inner.metrics.trace_export_errors.fetch_add(1, Relaxed);
         }
+    }
+}
+
+fn threshold(ratio: f64) -> u64 {
+    match ratio {
+        r if r >= 1.0 => u64::MAX,
+        r if r <= 0.0 => 0,
+        r => (r * u64::MAX as f64) as u64,
     }
 }
 

@@ -186,6 +186,69 @@ async fn a_transparent_refresh_is_a_child_span_and_no_secret_is_exported() {
 }
 
 #[tokio::test]
+async fn an_unknown_kid_refetch_is_a_child_span() {
+    let collector = Collector::start().await;
+    let idp = TestIdp::start().await;
+    // Only the unknown-kid refetch can bring the new key in.
+    idp.set_jwks_cache_control(Some("max-age=3600"));
+    let up = Upstream::start().await;
+    let toml = Config::new()
+        .table(idp.issuer_table())
+        .table(api_route(&up))
+        .raw(&tracing_table(&collector.url(), 1.0))
+        .toml();
+    let proxy = Proxy::start(&toml).await;
+    wait_ready(&proxy).await;
+    idp.set_keys(&["rsa1", "rsa2"]);
+    let token = sign("rsa2", &idp.claims("dave", 300));
+    let r = get(proxy.url("/api/x")).bearer(&token).header("traceparent", traceparent("01")).send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let server = collector.wait_for("the server span", server_span_of(TRACE)).await;
+    let jwks =
+        collector.wait_for("the JWKS fetch's span", |s| hex(&s.trace_id) == TRACE && s.name == "jwks").await;
+    assert_eq!(jwks.parent_span_id, server.span_id);
+    assert_eq!(attr(&jwks, "portcullis.issuer").as_deref(), Some("main"));
+    assert_eq!(attr(&jwks, "portcullis.outcome").as_deref(), Some("ok"));
+}
+
+#[tokio::test]
+async fn an_introspection_call_is_a_child_span_without_the_token() {
+    use crate::kit::introspect::{active, opaque_token, CLIENT_SECRET as INTROSPECT_SECRET, SECRET_ENV};
+    let collector = Collector::start().await;
+    let ins = IntrospectionServer::start().await;
+    let up = Upstream::start().await;
+    let route = format!(
+        "[[routes]]\nname = \"legacy\"\npath_prefix = \"/api\"\nupstream = \"{}\"\nissuer = \"legacy\"\n",
+        up.url()
+    );
+    let toml = Config::new()
+        .table(ins.issuer_table("legacy", ""))
+        .raw(&route)
+        .raw(&tracing_table(&collector.url(), 1.0))
+        .toml();
+    let env = std::collections::HashMap::from([(SECRET_ENV.to_owned(), INTROSPECT_SECRET.to_owned())]);
+    let proxy = Proxy::start_with(&toml, &env, std::path::Path::new(".")).await;
+    wait_ready(&proxy).await;
+    let token = opaque_token();
+    ins.set(&token, active("erin", 300));
+    let r = get(proxy.url("/api/x")).bearer(&token).header("traceparent", traceparent("01")).send().await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let server = collector.wait_for("the server span", server_span_of(TRACE)).await;
+    let call = collector
+        .wait_for("the introspection's span", |s| hex(&s.trace_id) == TRACE && s.name == "introspection")
+        .await;
+    assert_eq!(call.parent_span_id, server.span_id);
+    assert_eq!(attr(&call, "portcullis.outcome").as_deref(), Some("active"));
+    assert_eq!(attr(&server, "enduser.id").as_deref(), Some("erin"));
+    let raw = collector.raw();
+    for secret in [token.as_str(), INTROSPECT_SECRET, "erin-name", "legacy-spa"] {
+        assert!(!contains(&raw, secret), "{secret:?} was exported");
+    }
+}
+
+#[tokio::test]
 async fn an_unreachable_collector_changes_no_answer_and_counts_export_errors() {
     let down = Refused::reserve();
     let up = Upstream::start().await;
@@ -239,4 +302,21 @@ async fn the_access_log_carries_the_trace_id() {
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_tracing_says_it_needs_a_restart() {
+    let collector = Collector::start().await;
+    let up = Upstream::start().await;
+    let proxy =
+        ProxyProcess::start(&format!("{}{}", open_route(&up), tracing_table(&collector.url(), 1.0))).await;
+    proxy.reload(&format!("{}{}", open_route(&up), tracing_table(&collector.url(), 0.5))).await;
+    eventually("the reload names [tracing] as start-only", DEADLINE, || async {
+        proxy.log().contains("[tracing] changed; it takes effect only on restart")
+    })
+    .await;
+    // The running exporter stays: a request is still exported.
+    let r = get(proxy.url("/open/after")).header("traceparent", traceparent("01")).send().await;
+    assert_eq!(r.status, 200);
+    collector.wait_for("the server span after the reload", server_span_of(TRACE)).await;
 }
