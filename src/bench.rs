@@ -116,7 +116,8 @@ impl Tracing {
             sample_ratio: ratio,
         };
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let exporter = crate::trace::Exporter::with_queue(tx, settings, metrics);
+        let (flush, _) = tokio::sync::mpsc::channel(1);
+        let exporter = crate::trace::Exporter::with_queue(tx, flush, settings, metrics);
         Some(Self { exporter: Some(exporter), _runtime: Some(runtime) })
     }
 

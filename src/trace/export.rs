@@ -5,7 +5,8 @@
 //! `{otlp_endpoint}/v1/traces` with the proxy's own outbound client. A batch the
 //! collector does not take (unreachable, slow, non-2xx) is dropped and counted in
 //! `portcullis_trace_export_errors_total`; nothing is retried, so a collector
-//! outage costs the request path nothing and memory stays bounded.
+//! outage costs the request path nothing and memory stays bounded. On shutdown,
+//! after the drain, what is queued is sent once more (bounded by `FLUSH_TIMEOUT`).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ const QUEUE: usize = 4096;
 const MAX_BATCH: usize = 512;
 const BATCH_DELAY: Duration = Duration::from_millis(500);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a shutdown waits for the last spans to go out.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where finished spans go; cheap to clone (one `Arc`).
 #[derive(Clone)]
@@ -40,6 +43,8 @@ pub struct Exporter {
 
 struct Inner {
     tx: mpsc::Sender<Span>,
+    /// Asks the task to send what it holds now; answered when it is sent.
+    flush: mpsc::Sender<Flushed>,
     /// New traces are sampled when a random u64 falls below this.
     threshold: u64,
     metrics: Arc<Metrics>,
@@ -52,20 +57,30 @@ impl Exporter {
     pub fn start(settings: TracingSettings, metrics: Arc<Metrics>) -> Result<Self, rustls::Error> {
         let client = crate::oauth::outbound_client(EXPORT_TIMEOUT)?;
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (flush, flushes) = mpsc::channel(1);
         let url = traces_url(&settings.otlp_endpoint);
         let task = Task { client, url, resource: resource(&settings.service_name), metrics: metrics.clone() };
-        tokio::spawn(task.run(rx));
-        Ok(Self::with_queue(tx, settings, metrics))
+        tokio::spawn(task.run(rx, flushes));
+        Ok(Self::with_queue(tx, flush, settings, metrics))
     }
 
     /// An exporter whose spans go to `tx` (the benchmarks drain it themselves).
     pub(crate) fn with_queue(
         tx: mpsc::Sender<Span>,
+        flush: mpsc::Sender<Flushed>,
         settings: TracingSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         let threshold = threshold(settings.sample_ratio);
-        Self { inner: Arc::new(Inner { tx, threshold, metrics, settings }) }
+        Self { inner: Arc::new(Inner { tx, flush, threshold, metrics, settings }) }
+    }
+
+    /// Sends what is queued now and waits (at most `within`) until it went out.
+    pub async fn flush(&self, within: Duration) {
+        let (done, sent) = tokio::sync::oneshot::channel();
+        if self.inner.flush.try_send(done).is_ok() {
+            let _ = tokio::time::timeout(within, sent).await;
+        }
     }
 
     /// Whether a new trace is recorded (`sample_ratio`).
@@ -108,6 +123,8 @@ fn resource(service_name: &str) -> Resource {
     }
 }
 
+type Flushed = tokio::sync::oneshot::Sender<()>;
+
 struct Task {
     client: HttpsClient<Full<Bytes>>,
     url: Uri,
@@ -116,40 +133,63 @@ struct Task {
 }
 
 impl Task {
-    async fn run(self, mut rx: mpsc::Receiver<Span>) {
+    async fn run(self, mut rx: mpsc::Receiver<Span>, mut flushes: mpsc::Receiver<Flushed>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         // Log the first failure of a run of them, and the recovery: not every batch.
         let mut failing = false;
         loop {
-            if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
-                return;
+            let mut flushed = None;
+            tokio::select! {
+                n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
+                Some(f) = flushes.recv() => flushed = Some(f),
             }
-            let deadline = tokio::time::sleep(BATCH_DELAY);
-            tokio::pin!(deadline);
-            while batch.len() < MAX_BATCH {
-                let room = MAX_BATCH - batch.len();
-                tokio::select! {
-                    _ = &mut deadline => break,
-                    n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+            if flushed.is_none() {
+                let deadline = tokio::time::sleep(BATCH_DELAY);
+                tokio::pin!(deadline);
+                while batch.len() < MAX_BATCH && flushed.is_none() {
+                    let room = MAX_BATCH - batch.len();
+                    tokio::select! {
+                        _ = &mut deadline => break,
+                        n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+                        Some(f) = flushes.recv() => flushed = Some(f),
+                    }
                 }
             }
-            let n = batch.len();
-            match self.send(std::mem::take(&mut batch)).await {
-                Ok(()) => {
-                    if failing {
-                        tracing::info!(url = %self.url, "span export recovered");
+            if flushed.is_some() {
+                while batch.len() < MAX_BATCH * 4 {
+                    match rx.try_recv() {
+                        Ok(s) => batch.push(s),
+                        Err(_) => break,
                     }
-                    failing = false;
                 }
-                Err(e) => {
-                    self.metrics.trace_export_errors.fetch_add(n as u64, Relaxed);
-                    if !failing {
-                        tracing::warn!(url = %self.url, error = %e, spans = n, "span export failed; spans dropped");
-                    }
-                    failing = true;
-                }
+            }
+            if !batch.is_empty() {
+                failing = self.export(std::mem::take(&mut batch), failing).await;
+            }
+            if let Some(done) = flushed {
+                let _ = done.send(());
             }
             batch = Vec::with_capacity(MAX_BATCH);
+        }
+    }
+
+    /// Sends one batch, counting its spans if it fails; returns whether it failed.
+    async fn export(&self, spans: Vec<Span>, was_failing: bool) -> bool {
+        let n = spans.len();
+        match self.send(spans).await {
+            Ok(()) => {
+                if was_failing {
+                    tracing::info!(url = %self.url, "span export recovered");
+                }
+                false
+            }
+            Err(e) => {
+                self.metrics.trace_export_errors.fetch_add(n as u64, Relaxed);
+                if !was_failing {
+                    tracing::warn!(url = %self.url, error = %e, spans = n, "span export failed; spans dropped");
+                }
+                true
+            }
         }
     }
 

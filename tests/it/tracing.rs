@@ -320,3 +320,21 @@ async fn a_reload_that_changes_tracing_says_it_needs_a_restart() {
     assert_eq!(r.status, 200);
     collector.wait_for("the server span after the reload", server_span_of(TRACE)).await;
 }
+
+#[tokio::test]
+async fn spans_of_the_last_requests_are_sent_before_exit() {
+    let collector = Collector::start().await;
+    let up = Upstream::start().await;
+    let mut proxy =
+        ProxyProcess::start(&format!("{}{}", open_route(&up), tracing_table(&collector.url(), 1.0))).await;
+    let r = get(proxy.url("/open/last")).header("traceparent", traceparent("01")).send().await;
+    assert_eq!(r.status, 200);
+    // At once: sooner than a batch would go out by itself.
+    proxy.signal("TERM");
+    assert!(proxy.wait_exit(DEADLINE).await.success());
+    assert!(
+        collector.spans().iter().any(server_span_of(TRACE)),
+        "the span was flushed on shutdown; log:\n{}",
+        proxy.log()
+    );
+}
