@@ -117,7 +117,8 @@ impl Tracing {
         };
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let (flush, _) = tokio::sync::mpsc::channel(1);
-        let exporter = crate::trace::Exporter::with_queue(tx, flush, settings, metrics);
+        let wake = Arc::default();
+        let exporter = crate::trace::Exporter::with_queue(tx, wake, flush, settings, metrics);
         Some(Self { exporter: Some(exporter), _runtime: Some(runtime) })
     }
 

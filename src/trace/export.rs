@@ -1,6 +1,6 @@
 //! `[tracing]`: finished spans go into a bounded queue (never waited for: a full
 //! queue drops the span and counts it); one background task takes them in
-//! batches (up to `MAX_BATCH`, or what came within `BATCH_DELAY`), encodes an
+//! batches (every `BATCH_DELAY`, or as soon as `MAX_BATCH` are waiting), encodes an
 //! OTLP `ExportTraceServiceRequest` (protobuf) and POSTs it to
 //! `{otlp_endpoint}/v1/traces` with the proxy's own outbound client. A batch the
 //! collector does not take (unreachable, slow, non-2xx) is dropped and counted in
@@ -8,6 +8,7 @@
 //! outage costs the request path nothing and memory stays bounded. On shutdown,
 //! after the drain, what is queued is sent once more (bounded by `FLUSH_TIMEOUT`).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +44,9 @@ pub struct Exporter {
 
 struct Inner {
     tx: mpsc::Sender<Span>,
+    /// Wakes the task early when a batch is full. The task never waits on the
+    /// queue itself: that would wake it (a thread switch) for every span.
+    wake: Arc<Wake>,
     /// Asks the task to send what it holds now; answered when it is sent.
     flush: mpsc::Sender<Flushed>,
     /// New traces are sampled when a random u64 falls below this.
@@ -59,20 +63,23 @@ impl Exporter {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (flush, flushes) = mpsc::channel(1);
         let url = traces_url(&settings.otlp_endpoint);
-        let task = Task { client, url, resource: resource(&settings.service_name), metrics: metrics.clone() };
+        let wake = Arc::new(Wake::default());
+        let resource = resource(&settings.service_name);
+        let task = Task { client, url, resource, metrics: metrics.clone(), wake: wake.clone() };
         tokio::spawn(task.run(rx, flushes));
-        Ok(Self::with_queue(tx, flush, settings, metrics))
+        Ok(Self::with_queue(tx, wake, flush, settings, metrics))
     }
 
     /// An exporter whose spans go to `tx` (the benchmarks drain it themselves).
     pub(crate) fn with_queue(
         tx: mpsc::Sender<Span>,
+        wake: Arc<Wake>,
         flush: mpsc::Sender<Flushed>,
         settings: TracingSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         let threshold = threshold(settings.sample_ratio);
-        Self { inner: Arc::new(Inner { tx, flush, threshold, metrics, settings }) }
+        Self { inner: Arc::new(Inner { tx, wake, flush, threshold, metrics, settings }) }
     }
 
     /// Sends what is queued now and waits (at most `within`) until it went out.
@@ -95,8 +102,14 @@ impl Exporter {
 
     /// Hands `span` to the export task, or drops and counts it if the queue is full.
     pub fn queue(&self, span: Span) {
-        if self.inner.tx.try_send(span).is_err() {
-            self.inner.metrics.trace_export_errors.fetch_add(1, Relaxed);
+        let i = &self.inner;
+        if i.tx.try_send(span).is_err() {
+            i.metrics.trace_export_errors.fetch_add(1, Relaxed);
+        } else if i.tx.capacity() <= QUEUE - MAX_BATCH
+            && !i.wake.asked.load(Relaxed)
+            && !i.wake.asked.swap(true, Relaxed)
+        {
+            i.wake.notify.notify_one();
         }
     }
 }
@@ -125,51 +138,62 @@ fn resource(service_name: &str) -> Resource {
 
 type Flushed = tokio::sync::oneshot::Sender<()>;
 
+#[derive(Default)]
+pub(crate) struct Wake {
+    notify: tokio::sync::Notify,
+    /// Set once a wake-up is asked for, until the task has drained the queue.
+    asked: AtomicBool,
+}
+
 struct Task {
     client: HttpsClient<Full<Bytes>>,
     url: Uri,
     resource: Resource,
     metrics: Arc<Metrics>,
+    wake: Arc<Wake>,
 }
 
 impl Task {
     async fn run(self, mut rx: mpsc::Receiver<Span>, mut flushes: mpsc::Receiver<Flushed>) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut tick = tokio::time::interval(BATCH_DELAY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Log the first failure of a run of them, and the recovery: not every batch.
         let mut failing = false;
         loop {
             let mut flushed = None;
             tokio::select! {
-                n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { return },
+                _ = tick.tick() => {}
+                _ = self.wake.notify.notified() => {}
                 Some(f) = flushes.recv() => flushed = Some(f),
             }
-            if flushed.is_none() {
-                let deadline = tokio::time::sleep(BATCH_DELAY);
-                tokio::pin!(deadline);
-                while batch.len() < MAX_BATCH && flushed.is_none() {
-                    let room = MAX_BATCH - batch.len();
-                    tokio::select! {
-                        _ = &mut deadline => break,
-                        n = rx.recv_many(&mut batch, room) => if n == 0 { break },
-                        Some(f) = flushes.recv() => flushed = Some(f),
-                    }
-                }
-            }
-            if flushed.is_some() {
-                while batch.len() < MAX_BATCH * 4 {
+            self.wake.asked.store(false, Relaxed);
+            // Only what is queued now: spans arriving meanwhile wait for the next round.
+            let mut closed = false;
+            let mut left = rx.len();
+            while left > 0 {
+                let mut batch = Vec::with_capacity(left.min(MAX_BATCH));
+                while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
                         Ok(s) => batch.push(s),
-                        Err(_) => break,
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
                     }
                 }
-            }
-            if !batch.is_empty() {
-                failing = self.export(std::mem::take(&mut batch), failing).await;
+                left = left.saturating_sub(batch.len().max(1));
+                if batch.is_empty() {
+                    break;
+                }
+                failing = self.export(batch, failing).await;
             }
             if let Some(done) = flushed {
                 let _ = done.send(());
             }
-            batch = Vec::with_capacity(MAX_BATCH);
+            if closed || rx.is_closed() && rx.is_empty() {
+                return;
+            }
         }
     }
 
