@@ -9,7 +9,9 @@
 # tree) over the requests it answered. Throughput swings with neighbours.
 #
 # Also: added latency with one connection, TLS with HTTP/1.1 and HTTP/2 (h2load
-# against nginx `ssl http2`), the access log at info vs warn, 1 vs 2 workers
+# against nginx `ssl http2`), the access log at info vs warn, `[tracing]` at
+# sample_ratio 1.0 and 0.01 (spans POSTed to the upstream nginx, which answers
+# 200 like a collector; its CPU is not counted), 1 vs 2 workers
 # unpinned, and portcullis' RSS idle and with 10,000 keep-alive connections.
 # Traffic goes to 127.0.0.1 only; every run is bounded in time.
 #
@@ -41,6 +43,7 @@ TICK=$(getconf CLK_TCK)
 
 UP=18081; NGX=18082; NGXS=18083; HAP=18084; PC=18085; PCN=18086; PCL=18087; PCS=18088
 ADM=18091; ADMN=18092; ADML=18093; ADMS=18094
+PCT=18089; PCT2=18090; ADMT=18095; ADMT2=18096
 FIX=$PWD/tests/fixtures
 cargo build --release --quiet --bin portcullis --example mint
 BIN=$PWD/target/release/portcullis
@@ -101,9 +104,10 @@ backend be
 HAPROXY
 haproxy -f "$WORK/haproxy.cfg" -D -p "$WORK/haproxy.pid"
 
-pc_config() { # $1 http port, $2 admin port, $3 token_cache_entries, $4 https port (optional)
+pc_config() { # $1 http port, $2 admin port, $3 token_cache_entries, $4 https port (optional), $5 sample_ratio (optional)
   printf '[listen]\nhttp = "127.0.0.1:%s"\nadmin = "127.0.0.1:%s"\n' "$1" "$2"
   [ -n "${4:-}" ] && printf 'https = "127.0.0.1:%s"\n[tls]\ncert = "%s"\nkey = "%s"\n' "$4" "$WORK/cert.pem" "$WORK/key.pem"
+  [ -n "${5:-}" ] && printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\nsample_ratio = %s\n' "$UP" "$5"
   cat <<TOML
 [limits]
 max_connections = 20000
@@ -126,6 +130,8 @@ pc_config $PC $ADM 100000 "" > "$WORK/pc.toml"
 pc_config $PCN $ADMN 0 "" > "$WORK/pc-nocache.toml"
 pc_config $PCL $ADML 100000 "" > "$WORK/pc-log.toml"
 pc_config $PCS $ADMS 100000 $((PCS + 100)) > "$WORK/pc-tls.toml"
+pc_config $PCT $ADMT 100000 "" 1.0 > "$WORK/pc-trace.toml"
+pc_config $PCT2 $ADMT2 100000 "" 0.01 > "$WORK/pc-trace-0.01.toml"
 PCS_TLS=$((PCS + 100))
 start_pc() { # $1 config, $2 log level, $3 admin port; prints the pid
   PORTCULLIS_LOG=$2 $SUT "$BIN" run --config "$1" 2>>"$WORK/pc-$3.log" >/dev/null &
@@ -138,6 +144,8 @@ PC_PID=$(start_pc "$WORK/pc.toml" warn $ADM)
 PCN_PID=$(start_pc "$WORK/pc-nocache.toml" warn $ADMN)
 PCL_PID=$(start_pc "$WORK/pc-log.toml" info $ADML)
 PCS_PID=$(start_pc "$WORK/pc-tls.toml" warn $ADMS)
+PCT_PID=$(start_pc "$WORK/pc-trace.toml" warn $ADMT)
+PCT2_PID=$(start_pc "$WORK/pc-trace-0.01.toml" warn $ADMT2)
 sleep 1
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 IDLE_RSS=$(rss "$PC_PID")
@@ -207,6 +215,8 @@ for r in $(seq "$ROUNDS"); do
   wrk_run portcullis_nocache "$PCN_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCN/"
   wrk_run portcullis_nocache_1000_tokens "$PCN_PID" 64 -s "$WORK/many.lua" "http://127.0.0.1:$PCN/"
   wrk_run portcullis_access_log "$PCL_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCL/"
+  wrk_run portcullis_trace_1.0 "$PCT_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCT/"
+  wrk_run portcullis_trace_0.01 "$PCT2_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCT2/"
   h2_run nginx_tls_h1 "$NGX_PID" --h1 -c64 "https://127.0.0.1:$NGXS/"
   h2_run portcullis_tls_h1 "$PCS_PID" --h1 -c64 "${AUTH[@]}" "https://127.0.0.1:$PCS_TLS/"
   h2_run nginx_tls_h2 "$NGX_PID" -c32 -m8 "https://127.0.0.1:$NGXS/"
@@ -269,9 +279,12 @@ fi
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 echo "placement: load generator on core 0; upstream + proxy on core 1, one worker each; ${DUR}s x ${ROUNDS} rounds, interleaved; medians"
-python3 - "$WORK/results" "$TICK" "$IDLE_RSS" "$CONN_RSS" "${OPEN:-0}" <<'PY'
+drops() { curl -fsS "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '/^portcullis_trace_export_errors_total/ {print $2}'; }
+DROPS="portcullis_trace_1.0=$(drops $ADMT) portcullis_trace_0.01=$(drops $ADMT2)"
+python3 - "$WORK/results" "$TICK" "$IDLE_RSS" "$CONN_RSS" "${OPEN:-0}" "$DROPS" <<'PY'
 import sys, statistics as st
 path, tick, idle, conn, opened = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+drops = dict(kv.split("=", 1) for kv in sys.argv[6].split())
 rows = {}
 for line in open(path):
     p = line.split()
@@ -300,9 +313,13 @@ if "portcullis_nocache" in med and "haproxy_jwt" in med:
 ratio("TLS HTTP/1.1 portcullis / nginx", "portcullis_tls_h1", "nginx_tls_h1", 1.0)
 ratio("TLS HTTP/2 portcullis / nginx", "portcullis_tls_h2", "nginx_tls_h2", 0.75)
 ratio("access log info / warn", "portcullis_access_log", "portcullis", 1.10)
+ratio("tracing sample_ratio 1.0 / off", "portcullis_trace_1.0", "portcullis")
+ratio("tracing sample_ratio 0.01 / off", "portcullis_trace_0.01", "portcullis")
 if all(k in med for k in ("lat_direct", "lat_nginx", "lat_portcullis")):
     d = med["lat_direct"][2]
     pn, pp = med["lat_nginx"][2] - d, med["lat_portcullis"][2] - d
     print(f"added p50 latency, one connection: nginx {pn:.0f} µs, portcullis {pp:.0f} µs" + ("  met" if pp <= pn else "  MISSED"))
+for name in ("portcullis_trace_1.0", "portcullis_trace_0.01"):
+    print(f"{name}: trace export errors {drops.get(name, '-')}")
 print(f"portcullis RSS idle: {idle} MB; with {opened} open keep-alive connections: {conn} MB")
 PY

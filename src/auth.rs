@@ -114,6 +114,13 @@ pub struct Claims {
     pub all: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Spans carry `sub` and nothing else of the claims.
+impl crate::trace::Text for Claims {
+    fn text(&self) -> Option<&str> {
+        self.sub.as_deref()
+    }
+}
+
 impl Claims {
     /// A claim as header text: strings as-is, numbers and booleans as text, arrays joined with `,`.
     pub fn header_value(&self, claim: &str) -> Option<HeaderValue> {

@@ -173,9 +173,21 @@ impl Forwarder {
             }
             _ => body.map_err(BoxError::from).boxed(),
         };
+        let span = crate::trace::Child::start("upstream");
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, backend.send(Request::from_parts(parts, body))).await;
         let upstream_time = started.elapsed();
+        if let Some(span) = span {
+            let mut attrs = vec![crate::trace::Attr::Authority("server.address", backend.authority.clone())];
+            if let Ok(Ok(r)) = &result {
+                attrs.push(crate::trace::Attr::Int(
+                    "http.response.status_code",
+                    i64::from(r.status().as_u16()),
+                ));
+            }
+            let error = !matches!(&result, Ok(Ok(r)) if !r.status().is_server_error());
+            span.end(error, attrs);
+        }
         let mut resp = match result {
             Err(_) => {
                 return Err(ForwardError::Timeout {

@@ -7,6 +7,7 @@
 //! server    accept; TLS handshake (tls: SNI, ALPN) with a deadline; HTTP/1.1 or HTTP/2
 //!           (ALPN, or the first bytes on the plain listener); slow-client deadlines
 //!   proxy::handle(req, &Conn, &Snapshot, &Runtime)
+//!        trace       traceparent continued or started; the upstream's names the proxy's span
 //!     0. target      path normalised, host validated, once      → 400 bad_request
 //!     1. forward::identity::strip_inbound                        client identity headers never pass
 //!     2. session::endpoints                                      login, callback, refresh, logout answer here
@@ -16,13 +17,14 @@
 //!        auth::authenticate   revocation, audience, scopes       → 401 / 403 / 503
 //!     5. forward     identity headers from claims, proxy cookies scrubbed, hop-by-hop,
 //!                    X-Forwarded-*, Forwarded; streamed; Upgrade tunnelled → 502 / 504 / 413
-//!     6. finish      Set-Cookie, request id, metrics, one access-log line
+//!     6. finish      Set-Cookie, request id, metrics, server span (with [tracing]), one access-log line
 //!   any Err → error::ProxyError::into_response (the only place a status is chosen)
 //! ```
 //!
 //! Beside the path: `state` (Snapshot per configuration, Runtime across them),
 //! `config` (data only), `reload`, `admin`, `metrics`, `oauth` (the
-//! authorization-server client), `fleet` (Redis-shared state).
+//! authorization-server client), `fleet` (Redis-shared state), `trace::export`
+//! (spans batched to the OTLP collector on a background task).
 
 pub(crate) mod admin;
 pub(crate) mod auth;
@@ -48,6 +50,7 @@ pub(crate) mod session;
 pub(crate) mod state;
 pub(crate) mod target;
 pub(crate) mod tls;
+pub(crate) mod trace;
 
 #[doc(hidden)]
 pub mod bench;

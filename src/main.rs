@@ -95,6 +95,13 @@ fn main() -> ExitCode {
                             r.name
                         );
                     }
+                    if let Some(t) = &config.tracing {
+                        println!(
+                            "tracing: spans to {}v1/traces, sample_ratio {}; [tracing] is read at start: a reload keeps the running one",
+                            t.otlp_endpoint.to_string().trim_end_matches('/').to_owned() + "/",
+                            t.sample_ratio
+                        );
+                    }
                     if let Some(request) = explain {
                         match portcullis::explain::explain(&config, &request) {
                             Ok(text) => print!("{text}"),

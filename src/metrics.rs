@@ -89,6 +89,8 @@ pub struct Metrics {
     pub tunnels_open: AtomicI64,
     tunnels_closed: [AtomicU64; TUNNEL_CLOSE_REASONS.len()],
     pub state_errors: AtomicU64,
+    /// Spans dropped: the export queue was full or the collector did not take them.
+    pub trace_export_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -283,6 +285,12 @@ impl Metrics {
         writeln!(o, "# HELP portcullis_state_errors_total Failures talking to the shared state store.")?;
         writeln!(o, "# TYPE portcullis_state_errors_total counter")?;
         writeln!(o, "portcullis_state_errors_total {}", self.state_errors.load(Relaxed))?;
+        writeln!(
+            o,
+            "# HELP portcullis_trace_export_errors_total Spans dropped: export queue full or the collector failed."
+        )?;
+        writeln!(o, "# TYPE portcullis_trace_export_errors_total counter")?;
+        writeln!(o, "portcullis_trace_export_errors_total {}", self.trace_export_errors.load(Relaxed))?;
         Ok(())
     }
 }

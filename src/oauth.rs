@@ -293,6 +293,22 @@ impl OAuthClient {
     }
 
     async fn token_request(&self, form: &[(&str, &str)]) -> Result<Tokens, GrantError> {
+        let refresh = form.first().is_some_and(|(_, v)| *v == "refresh_token");
+        let span = crate::trace::Child::start(if refresh { "refresh" } else { "code exchange" });
+        let result = self.token_request_inner(form).await;
+        if let Some(span) = span {
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(GrantError::InvalidGrant) => "invalid_grant",
+                Err(_) => "auth_server_error",
+            };
+            let attrs = vec![crate::trace::Attr::Str("portcullis.outcome", outcome)];
+            span.end(outcome == "auth_server_error", attrs);
+        }
+        result
+    }
+
+    async fn token_request_inner(&self, form: &[(&str, &str)]) -> Result<Tokens, GrantError> {
         let token_url = self.settings.endpoints.load().token.clone();
         let Some(token_url) = token_url else { return Err(GrantError::NotDiscovered) };
         let (status, body) = self.post(token_url, form).await?;

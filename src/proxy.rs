@@ -3,8 +3,11 @@
 //! ```text
 //! target → strip inbound identity → session endpoint? → route
 //!   → credential (bearer, else session: fresh token, maybe refreshed) → authenticate
-//!   → forward → finish (Set-Cookie, metrics, access log; Err → error::into_response)
+//!   → forward → finish (Set-Cookie, metrics, server span, access log; Err → error::into_response)
 //! ```
+//!
+//! Before the first stage the request's trace context is read or started
+//! (`trace::Context::start`): the upstream's `traceparent` names the proxy's span.
 //!
 //! Stages return values or errors; only `finish` turns an error into an answer.
 
@@ -26,6 +29,7 @@ use crate::route::RouteTable;
 use crate::session::{csrf, endpoints, SessionCtx};
 use crate::state::{Route, Runtime, Snapshot};
 use crate::target::Target;
+use crate::trace;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -58,17 +62,38 @@ pub async fn handle(
     snap: &Snapshot,
     rt: &Runtime,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let request_id = request_id(&mut req);
+    let begun = Begun::now(&mut req, rt);
     let method = req.method().clone();
     let uri = req.uri().clone();
     let mut record = Record::default();
     let grpc = is_grpc(req.headers());
-    let resp = match pipeline(req, conn, snap, rt, &mut record).await {
+    let work = pipeline(req, conn, snap, rt, &mut record);
+    let resp = match trace::in_scope(begun.recording.clone(), work).await {
         Ok(resp) => resp,
         Err(e) => failed(e, &mut record, rt, grpc),
     };
-    finish(resp, record, request_id, &method, &uri, started, rt)
+    finish(resp, record, begun, &method, &uri, rt)
+}
+
+/// What is known from a request's first moment: when, its request id, its trace.
+struct Begun {
+    at: Instant,
+    request_id: HeaderValue,
+    trace: trace::Context,
+    /// Sampled with `[tracing]`: its server span is exported.
+    recording: Option<trace::Recording>,
+    start_ns: u64,
+}
+
+impl Begun {
+    fn now(req: &mut Request<Incoming>, rt: &Runtime) -> Self {
+        let at = Instant::now();
+        let request_id = request_id(req);
+        let trace = trace::Context::start(req.headers_mut(), rt.exporter.as_ref());
+        let recording = trace::Recording::of(&trace, rt.exporter.as_ref());
+        let start_ns = if recording.is_some() { trace::unix_nanos() } else { 0 };
+        Self { at, request_id, trace, recording, start_ns }
+    }
 }
 
 /// A forward-auth subrequest: the same stages as `handle` for the original
@@ -80,12 +105,12 @@ pub async fn authorize_only(
     snap: &Snapshot,
     rt: &Runtime,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let request_id = request_id(&mut req);
+    let begun = Begun::now(&mut req, rt);
     let mut record = Record::default();
     let (resp, method, uri) = match crate::forward_auth::read(&req, conn) {
         Ok(original) => {
-            let resp = match decide_only(&req, &original, snap, rt, conn, &mut record).await {
+            let work = decide_only(&req, &original, snap, rt, conn, &mut record);
+            let resp = match trace::in_scope(begun.recording.clone(), work).await {
                 Ok(resp) => resp,
                 Err(e) => failed(e, &mut record, rt, false),
             };
@@ -98,7 +123,7 @@ pub async fn authorize_only(
     };
     let mut resp = resp;
     crate::forward_auth::number_cookies(resp.headers_mut(), &record.set_cookies);
-    finish(resp, record, request_id, &method, &uri, started, rt)
+    finish(resp, record, begun, &method, &uri, rt)
 }
 
 async fn decide_only(
@@ -264,17 +289,17 @@ fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
         && headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
-/// Set-Cookie, request id, metrics and the access log: once per request, whatever happened.
+/// Set-Cookie, request id, metrics, the server span and the access log: once
+/// per request, whatever happened.
 fn finish(
     mut resp: Response<Body>,
     mut record: Record,
-    request_id: HeaderValue,
+    begun: Begun,
     method: &http::Method,
     uri: &http::Uri,
-    started: Instant,
     rt: &Runtime,
 ) -> Response<Body> {
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), begun.request_id.clone());
     // Cookies from a refresh go out whatever the upstream answered: the old
     // refresh token may already be rotated away.
     for c in record.set_cookies.drain(..) {
@@ -290,20 +315,79 @@ fn finish(
         }
         None => rt.metrics.unrouted.record_status(status),
     }
+    let elapsed = begun.at.elapsed();
     tracing::info!(
         target: "portcullis::access",
-        request_id = request_id.to_str().unwrap_or(""),
+        request_id = begun.request_id.to_str().unwrap_or(""),
+        trace_id = %begun.trace.trace_id,
         method = %method,
         path = uri.path(),
         route = record.route_name(),
         status,
-        duration_us = started.elapsed().as_micros() as u64,
+        duration_us = elapsed.as_micros() as u64,
         upstream_us = record.upstream_time.map(|d| d.as_micros() as u64),
         subject = record.claims.as_ref().and_then(|c| c.sub.as_deref()),
         error = record.error,
         "request"
     );
+    if let Some(rec) = &begun.recording {
+        rec.exporter().queue(server_span(&begun, elapsed, method, status, record));
+    }
     resp
+}
+
+/// The server span: route, method, status, error code and `sub` (read at
+/// export from the claims; no other claim, no token, no cookie).
+fn server_span(
+    begun: &Begun,
+    elapsed: Duration,
+    method: &Method,
+    status: u16,
+    record: Record,
+) -> trace::Span {
+    let mut attrs = Vec::with_capacity(5);
+    attrs.push(trace::Attr::Str("http.request.method", method_name(method)));
+    attrs.push(trace::Attr::Int("http.response.status_code", i64::from(status)));
+    match record.route {
+        Some(r) => attrs.push(trace::Attr::Shared("portcullis.route", r)),
+        None => {
+            attrs.push(trace::Attr::Str("portcullis.route", if record.endpoint { "session" } else { "-" }))
+        }
+    }
+    if let Some(c) = record.claims {
+        attrs.push(trace::Attr::Shared("enduser.id", c));
+    }
+    if let Some(e) = record.error {
+        attrs.push(trace::Attr::Str("error.type", e));
+    }
+    trace::Span {
+        trace_id: begun.trace.trace_id,
+        span_id: begun.trace.span_id,
+        parent: begun.trace.parent,
+        name: method_name(method),
+        kind: trace::Kind::Server,
+        start_ns: begun.start_ns,
+        end_ns: begun.start_ns + elapsed.as_nanos() as u64,
+        error: status >= 500,
+        attrs,
+    }
+}
+
+/// A method as a span names it; others are `_OTHER`, as OpenTelemetry's HTTP
+/// conventions say (a client can send any token there).
+fn method_name(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
 }
 
 fn log_error(e: &ProxyError, route: &str) {

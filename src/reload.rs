@@ -3,7 +3,7 @@
 //! `Snapshot` before it is swapped in; in-flight requests keep the snapshot they
 //! started with. A file that fails is logged with the same messages as `check`,
 //! counted, and the running configuration stays. Listener addresses, connection
-//! limits and the token-cache size are fixed at start.
+//! limits, the token-cache size and `[tracing]` are fixed at start.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -27,6 +27,9 @@ pub fn reload(rt: &Runtime, path: &Path) -> Result<(), ReloadError> {
         let old = rt.current.load();
         if config.listen != old.listen {
             tracing::warn!("[listen] changed; listener addresses take effect only on restart");
+        }
+        if config.tracing.as_ref() != rt.exporter.as_ref().map(|e| e.settings()) {
+            tracing::warn!("[tracing] changed; it takes effect only on restart (the running one stays)");
         }
         for w in &config.warnings {
             tracing::warn!(problem = %w, "configuration warning");

@@ -195,6 +195,10 @@ impl Server {
         proxy.force();
         // Every worker has closed its connections once its thread ends.
         let _ = tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await;
+        // The drained requests' spans go out before the process ends.
+        if let Some(e) = &self.runtime.exporter {
+            e.flush(crate::trace::export::FLUSH_TIMEOUT).await;
+        }
         admin.stop();
         admin.force();
         if let Some(l) = admin_loop {

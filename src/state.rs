@@ -33,6 +33,13 @@ pub struct Route {
     pub metrics: Arc<RouteMetrics>,
 }
 
+/// A span names a route by reference; the name is read at export.
+impl crate::trace::Text for Route {
+    fn text(&self) -> Option<&str> {
+        Some(&self.name)
+    }
+}
+
 /// One configuration, ready to serve.
 pub struct Snapshot {
     /// The routes with an upstream: what the proxy listeners serve.
@@ -63,6 +70,8 @@ pub enum BuildError {
     ListenerTls(#[source] rustls::Error),
     #[error("[state] redis_url is unusable")]
     Fleet(#[source] redis::RedisError),
+    #[error("[tracing]: cannot set up the collector client")]
+    TracingTls(#[source] rustls::Error),
     #[error("cannot set up the authorization server client")]
     AuthServerTls(#[source] rustls::Error),
     #[error("issuer {issuer}: cannot set up the introspection client")]
@@ -169,6 +178,8 @@ pub struct Runtime {
     pub(crate) fleet: Arc<Fleet>,
     pub(crate) registry: Registry,
     pub(crate) limit_registry: crate::ratelimit::Registry,
+    /// `[tracing]` as read at start (a reload does not change it).
+    pub(crate) exporter: Option<crate::trace::Exporter>,
 }
 
 impl Runtime {
@@ -185,6 +196,12 @@ impl Runtime {
         let verifier = Verifier::new(config.limits.token_cache_entries, revocations);
         let registry = Registry::default();
         let limit_registry = crate::ratelimit::Registry::default();
+        let exporter = match config.tracing.clone() {
+            Some(t) => {
+                Some(crate::trace::Exporter::start(t, metrics.clone()).map_err(BuildError::TracingTls)?)
+            }
+            None => None,
+        };
         let snapshot = Snapshot::build(config, &registry, &limit_registry, &metrics)?;
         let runtime = Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
@@ -195,6 +212,7 @@ impl Runtime {
             fleet,
             registry,
             limit_registry,
+            exporter,
         });
         runtime.fleet.start();
         Ok(runtime)

@@ -152,14 +152,15 @@ impl Introspector {
                 let me = self.clone();
                 let token = token.to_owned();
                 // Its own task: a client that goes away cannot cancel the call others wait for.
-                let task = tokio::spawn(async move {
+                let trace = crate::trace::current();
+                let task = tokio::spawn(crate::trace::in_scope(trace, async move {
                     let result = me.call(&token).await;
                     if let Ok(a) = &result {
                         me.remember(key, a);
                     }
                     me.inflight.remove(&key);
                     result
-                });
+                }));
                 let shared =
                     async move { task.await.unwrap_or(Err(IntrospectError::Answer)) }.boxed().shared();
                 v.insert(shared.clone());
@@ -172,6 +173,7 @@ impl Introspector {
     }
 
     async fn call(&self, token: &str) -> Result<Answer, IntrospectError> {
+        let span = crate::trace::Child::start("introspection");
         let form = [("token", token), ("token_type_hint", "access_token")];
         let result = async {
             let req = self
@@ -195,6 +197,14 @@ impl Introspector {
             Err(_) => "error",
         };
         self.metrics.introspection(&self.name, outcome);
+        if let Some(span) = span {
+            use crate::trace::Attr;
+            let attrs = vec![
+                Attr::Owned("portcullis.issuer", self.name.clone()),
+                Attr::Str("portcullis.outcome", outcome),
+            ];
+            span.end(outcome == "error", attrs);
+        }
         result
     }
 

@@ -172,8 +172,19 @@ impl IssuerKeys {
     }
 
     async fn fetch(&self) -> Result<Option<Duration>, FetchError> {
+        // A child span when a request caused the fetch (an unknown `kid`).
+        let span = crate::trace::Child::start("jwks");
         let result = self.fetch_inner().await;
         self.metrics.jwks_fetch(&self.name, result.is_ok());
+        if let Some(span) = span {
+            use crate::trace::Attr;
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            let attrs = vec![
+                Attr::Owned("portcullis.issuer", self.name.clone()),
+                Attr::Str("portcullis.outcome", outcome),
+            ];
+            span.end(result.is_err(), attrs);
+        }
         result
     }
 

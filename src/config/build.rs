@@ -124,6 +124,7 @@ pub(super) fn build(
         None => None,
     };
     let state = build_state(&mut cx, f.state.unwrap_or_default());
+    let tracing = f.tracing.and_then(|t| build_tracing(&mut cx, t));
     let issuer_names: Vec<IssuerInfo<'_>> = f
         .issuers
         .iter()
@@ -178,8 +179,24 @@ pub(super) fn build(
         state,
         rate_limits,
         routes,
+        tracing,
         warnings: Vec::new(),
     })
+}
+
+fn build_tracing(cx: &mut Ctx<'_, '_>, t: file::Tracing) -> Option<TracingSettings> {
+    let path = KeyPath::root().key("tracing");
+    let otlp_endpoint = cx.url(&path.key("otlp_endpoint"), &t.otlp_endpoint);
+    let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        let msg = format!("{sample_ratio} is not a share of traces; use a number from 0.0 to 1.0");
+        cx.p.add(&path.key("sample_ratio"), msg);
+    }
+    let service_name = t.service_name.unwrap_or_else(|| "portcullis".to_owned());
+    if service_name.is_empty() {
+        cx.p.add(&path.key("service_name"), "must not be empty (leave it out for \"portcullis\")");
+    }
+    Some(TracingSettings { otlp_endpoint: otlp_endpoint?, service_name, sample_ratio })
 }
 
 fn build_listen(

@@ -46,6 +46,8 @@ pub struct File {
     pub state: Option<State>,
     /// Answer authorization subrequests of another proxy (nginx auth_request, Caddy forward_auth, Traefik ForwardAuth, Envoy ext_authz).
     pub forward_auth: Option<ForwardAuth>,
+    /// OpenTelemetry traces exported over OTLP/HTTP (protobuf); read at start only.
+    pub tracing: Option<Tracing>,
     #[serde(default)]
     /// Token buckets per key, kept in memory per instance.
     pub rate_limits: Vec<RateLimit>,
@@ -60,6 +62,19 @@ pub struct ForwardAuth {
     /// IP:PORT of the forward-auth listener (keep it private to the front proxy).
     #[schemars(pattern(ADDRESS))]
     pub listen: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The collector's OTLP/HTTP base URL; spans are POSTed to {otlp_endpoint}/v1/traces in batches.
+    #[schemars(pattern(r"^https?://"))]
+    pub otlp_endpoint: String,
+    /// The `service.name` resource attribute (default "portcullis").
+    pub service_name: Option<String>,
+    /// Share of new traces recorded, 0.0–1.0 (default 1.0); an incoming sampled traceparent is always honoured.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

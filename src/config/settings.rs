@@ -25,6 +25,8 @@ pub struct Config {
     pub state: StateSettings,
     pub rate_limits: Vec<RateLimitSettings>,
     pub routes: Vec<RouteSettings>,
+    /// `[tracing]`: spans exported over OTLP/HTTP; trace context is kept without it.
+    pub tracing: Option<TracingSettings>,
     /// Legal but probably unintended settings, as `file:line: key: message` lines.
     pub warnings: Vec<String>,
 }
@@ -148,6 +150,15 @@ pub struct SessionSettings {
     /// RP-initiated logout: where `GET logout_path` sends the browser (else discovery's).
     pub end_session_url: Option<Uri>,
     pub post_logout_redirect_uri: Option<String>,
+}
+
+/// `[tracing]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSettings {
+    pub otlp_endpoint: Uri,
+    pub service_name: String,
+    /// Of new traces, 0.0–1.0.
+    pub sample_ratio: f64,
 }
 
 #[derive(Default)]

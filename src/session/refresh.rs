@@ -159,7 +159,9 @@ impl RefreshBroker {
                 let broker = self.clone();
                 let sessions = sessions.clone();
                 let rc = rc.clone();
-                let task = tokio::spawn(async move {
+                // The call is a child span of the request that leads it.
+                let trace = crate::trace::current();
+                let task = tokio::spawn(crate::trace::in_scope(trace, async move {
                     let o = broker.call_once(key, rc, &sessions).await;
                     if !matches!(o, RefreshOutcome::Unavailable) {
                         broker.remember(key, o.clone(), sessions.settings.refresh_grace);
@@ -167,7 +169,7 @@ impl RefreshBroker {
                     // Grace first, then forget the flight: late arrivals find one or the other.
                     broker.inflight.remove(&key);
                     o
-                });
+                }));
                 let shared =
                     async move { task.await.unwrap_or(RefreshOutcome::Unavailable) }.boxed().shared();
                 v.insert(shared.clone());

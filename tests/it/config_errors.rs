@@ -230,3 +230,34 @@ fn a_route_that_checks_tokens_without_audiences_is_a_warning_not_an_error() {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert!(!out.stderr.contains("warning"), "{}", out.stderr);
 }
+
+#[test]
+fn tracing_problems_name_their_keys() {
+    let route = "[[routes]]\nname = \"a\"\nupstream = \"http://127.0.0.1:9001\"\n";
+    let text = format!(
+        "{HEAD}\n[tracing]\notlp_endpoint = \"127.0.0.1:4318\"\nsample_ratio = 1.5\nservice_name = \"\"\n\n{route}"
+    );
+    let out = problems(&text, &[]);
+    assert!(out.contains("test.toml:5: tracing.otlp_endpoint:"), "{out}");
+    assert!(out.contains("test.toml:6: tracing.sample_ratio: 1.5 is not a share of traces"), "{out}");
+    assert!(out.contains("test.toml:7: tracing.service_name: must not be empty"), "{out}");
+    let typo =
+        format!("{HEAD}\n[tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\nsample_rate = 0.5\n\n{route}");
+    let out = problems(&typo, &[]);
+    assert!(out.contains("tracing.sample_rate: unknown key (did you mean `sample_ratio`?)"), "{out}");
+}
+
+#[test]
+fn check_says_tracing_is_read_at_start() {
+    let text = format!(
+        "{HEAD}\n[tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\n\n[[routes]]\nname = \"a\"\nupstream = \"http://127.0.0.1:9001\"\n"
+    );
+    let (out, _) = check(&text);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains("tracing: spans to http://127.0.0.1:4318/v1/traces, sample_ratio 1"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("a reload keeps the running one"), "{}", out.stdout);
+}

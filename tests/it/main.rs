@@ -45,4 +45,5 @@ mod schema;
 mod security_bypasses;
 mod shutdown;
 mod tls;
+mod tracing;
 mod tunnels;

@@ -22,6 +22,7 @@
 //!   tokens, outages) and the fixture keys;
 //! - [`introspect`]: the test RFC 7662 introspection endpoint (answers from a table
 //!   changed at runtime, outages on demand, every call recorded);
+//! - [`collector`]: a test OTLP/HTTP trace receiver (protobuf, every span and raw byte kept);
 //! - [`config`]: the `[[issuers]]` / `[auth_server]` / `[session]` tables as a builder;
 //! - [`session`]: the session suites' configuration, cookie jar and flows;
 //! - [`metrics`]: the one `/metrics` parser;
@@ -32,6 +33,7 @@
 //! - [`haproxy`]: a real HAProxy on `examples/rollout/haproxy.cfg`, and its stats.
 
 pub mod client;
+pub mod collector;
 pub mod config;
 pub mod grpc;
 pub mod haproxy;
@@ -55,6 +57,7 @@ pub use client::{
     assert_invalid_token, get, post, raw_exchange, read_until_closed, request, send_together, try_send,
     RawReply, Reply, Req,
 };
+pub use collector::Collector;
 pub use config::{api_route, session_table, Config, Table};
 pub use haproxy::Haproxy;
 pub use idp::{fixture, sign, JwksAnswer, Outage, TestIdp};
