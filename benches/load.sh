@@ -11,7 +11,8 @@
 # Also: added latency with one connection, TLS with HTTP/1.1 and HTTP/2 (h2load
 # against nginx `ssl http2`), the access log at info vs warn, `[tracing]` at
 # sample_ratio 1.0 and 0.01 (spans POSTed to the upstream nginx, which answers
-# 200 like a collector; its CPU is not counted), 1 vs 2 workers
+# 200 like a collector; its CPU is not counted), one `sub` rate limit plus 20
+# rules (the last one deciding, on a claim), 1 vs 2 workers
 # unpinned, and portcullis' RSS idle and with 10,000 keep-alive connections.
 # Traffic goes to 127.0.0.1 only; every run is bounded in time.
 #
@@ -44,6 +45,7 @@ TICK=$(getconf CLK_TCK)
 UP=18081; NGX=18082; NGXS=18083; HAP=18084; PC=18085; PCN=18086; PCL=18087; PCS=18088
 ADM=18091; ADMN=18092; ADML=18093; ADMS=18094
 PCT=18089; PCT2=18090; ADMT=18095; ADMT2=18096
+PCR=18097; ADMR=18098   # one rate limit and 20 rules on the route
 FIX=$PWD/tests/fixtures
 cargo build --release --quiet --bin portcullis --example mint
 BIN=$PWD/target/release/portcullis
@@ -132,6 +134,12 @@ pc_config $PCL $ADML 100000 "" > "$WORK/pc-log.toml"
 pc_config $PCS $ADMS 100000 $((PCS + 100)) > "$WORK/pc-tls.toml"
 pc_config $PCT $ADMT 100000 "" 1.0 > "$WORK/pc-trace.toml"
 pc_config $PCT2 $ADMT2 100000 "" 0.01 > "$WORK/pc-trace-0.01.toml"
+{
+  pc_config $PCR $ADMR 100000 ""
+  for n in $(seq 19); do printf '[[routes.rules]]\npath_prefix = "/section%s"\ndeny = true\n' "$n"; done
+  printf '[[routes.rules]]\npath_prefix = "/"\nclaims = { sub = "user-0" }\n'
+  printf '[[rate_limits]]\nname = "per-user"\nkey = "sub"\nrate = "1000000/s"\n'
+} > "$WORK/pc-limits.toml"
 PCS_TLS=$((PCS + 100))
 start_pc() { # $1 config, $2 log level, $3 admin port; prints the pid
   PORTCULLIS_LOG=$2 $SUT "$BIN" run --config "$1" 2>>"$WORK/pc-$3.log" >/dev/null &
@@ -146,6 +154,7 @@ PCL_PID=$(start_pc "$WORK/pc-log.toml" info $ADML)
 PCS_PID=$(start_pc "$WORK/pc-tls.toml" warn $ADMS)
 PCT_PID=$(start_pc "$WORK/pc-trace.toml" warn $ADMT)
 PCT2_PID=$(start_pc "$WORK/pc-trace-0.01.toml" warn $ADMT2)
+PCR_PID=$(start_pc "$WORK/pc-limits.toml" warn $ADMR)
 sleep 1
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 IDLE_RSS=$(rss "$PC_PID")
@@ -217,6 +226,7 @@ for r in $(seq "$ROUNDS"); do
   wrk_run portcullis_access_log "$PCL_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCL/"
   wrk_run portcullis_trace_1.0 "$PCT_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCT/"
   wrk_run portcullis_trace_0.01 "$PCT2_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCT2/"
+  wrk_run portcullis_limit_rules "$PCR_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCR/"
   h2_run nginx_tls_h1 "$NGX_PID" --h1 -c64 "https://127.0.0.1:$NGXS/"
   h2_run portcullis_tls_h1 "$PCS_PID" --h1 -c64 "${AUTH[@]}" "https://127.0.0.1:$PCS_TLS/"
   h2_run nginx_tls_h2 "$NGX_PID" -c32 -m8 "https://127.0.0.1:$NGXS/"
@@ -315,6 +325,7 @@ ratio("TLS HTTP/2 portcullis / nginx", "portcullis_tls_h2", "nginx_tls_h2", 0.75
 ratio("access log info / warn", "portcullis_access_log", "portcullis", 1.10)
 ratio("tracing sample_ratio 1.0 / off", "portcullis_trace_1.0", "portcullis")
 ratio("tracing sample_ratio 0.01 / off", "portcullis_trace_0.01", "portcullis")
+ratio("rate limit + 20 rules / neither", "portcullis_limit_rules", "portcullis")
 if all(k in med for k in ("lat_direct", "lat_nginx", "lat_portcullis")):
     d = med["lat_direct"][2]
     pn, pp = med["lat_nginx"][2] - d, med["lat_portcullis"][2] - d
