@@ -38,6 +38,7 @@ pub struct RateLimit {
     hasher: std::collections::hash_map::RandomState,
     /// Seconds (of the limiter's clock) of the last out-of-turn sweep.
     swept: AtomicU64,
+    checks: AtomicU64,
 }
 
 impl RateLimit {
@@ -50,6 +51,7 @@ impl RateLimit {
             settings,
             hasher: Default::default(),
             swept: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
         }
     }
 
@@ -63,7 +65,9 @@ impl RateLimit {
     fn check(&self, value: &[u8]) -> Result<(), Limited> {
         let key = self.hasher.hash_one(value);
         let result = self.limiter.check_key(&key);
-        if self.limiter.len() > MAX_KEYS {
+        // Counting the buckets visits every shard: every 1,024th check is enough
+        // to keep them bounded (at most that many over MAX_KEYS in between).
+        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(1024) && self.limiter.len() > MAX_KEYS {
             self.sweep_out_of_turn();
         }
         result.map_err(|not_until| Limited {
