@@ -147,6 +147,15 @@ pub async fn backchannel(
     let Some(issuer) = &cx.sessions.logout_issuer else {
         return Err(refused("no_issuer", "no [[issuers]] entry has the issuer of [auth_server]"));
     };
+    // The spec's only encoding (Back-Channel Logout 1.0 §2.5); anything else is a sender's mistake.
+    let form = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+    });
+    if !form {
+        return Err(refused("content_type", "the body must be application/x-www-form-urlencoded"));
+    }
     let body = Limited::new(req.into_body(), MAX_LOGOUT_BODY)
         .collect()
         .await

@@ -235,8 +235,9 @@ async fn logout_tokens_that_break_the_rules_are_refused_and_counted() {
             "JSON instead of a form",
             json!({ "logout_token": valid }).to_string(),
             "application/json",
-            "missing_logout_token",
+            "content_type",
         ),
+        ("a form sent as text/plain", form(&valid), "text/plain", "content_type"),
         ("no logout_token field", format!("token={valid}"), form_ct, "missing_logout_token"),
         ("empty body", String::new(), form_ct, "missing_logout_token"),
     ]);
