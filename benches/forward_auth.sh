@@ -26,8 +26,7 @@ if ! need wrk || ! need nginx || ! need taskset; then
 fi
 export PATH=$PATH:/usr/sbin
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 cores (wrk on one, the rest on the other)" >&2; exit 1; }
-GEN="taskset -c 0"
-SUT="taskset -c 1"
+. benches/common.sh
 TICK=$(getconf CLK_TCK)
 
 UP=18181; FRONT=18182; PLAIN=18183; PC=18184; FA=18185; ADM=18186
@@ -37,12 +36,6 @@ cargo build --release --quiet --bin portcullis --example mint
 BIN=$PWD/target/release/portcullis
 TOKEN=$(target/release/examples/mint 1 $ISS 86400)
 
-cat > "$WORK/nginx-up.conf" <<NGINX
-worker_processes 1; worker_cpu_affinity 10;
-pid $WORK/nginx-up.pid; error_log $WORK/nginx-up.log;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$UP backlog=4096; location / { return 200 "ok\n"; } } }
-NGINX
 # The front: auth_request to portcullis on kept-alive connections (as an
 # operator would configure it), and a plain reverse proxy for the baseline.
 cat > "$WORK/nginx-front.conf" <<NGINX
@@ -78,7 +71,7 @@ http {
   }
 }
 NGINX
-nginx -c "$WORK/nginx-up.conf"
+upstream_nginx $UP 4096
 nginx -c "$WORK/nginx-front.conf"
 
 cat > "$WORK/pc.toml" <<TOML
@@ -101,25 +94,13 @@ issuer = "main"
 audiences = ["orders-api"]
 scopes = ["orders:read"]
 TOML
-PORTCULLIS_LOG=warn $SUT "$BIN" run --config "$WORK/pc.toml" 2>>"$WORK/pc.log" >/dev/null &
-PC_PID=$!
-echo $PC_PID >> "$WORK/pids"
-for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+PC_PID=$(start_pc "$WORK/pc.toml" warn $ADM)
 AUTH=(-H "Authorization: Bearer $TOKEN")
 for url in "http://127.0.0.1:$PC/" "http://127.0.0.1:$FRONT/"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' "${AUTH[@]}" "$url")
   [ "$code" = 200 ] || { echo "$url answered $code, not 200" >&2; exit 1; }
 done
 
-tree() { local p=$1; echo "$p"; for c in $(pgrep -P "$p" 2>/dev/null); do tree "$c"; done; }
-ticks() {
-  local sum=0
-  for p in $(tree "$1"); do
-    [ -r "/proc/$p/stat" ] || continue
-    sum=$((sum + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat")))
-  done
-  echo $sum
-}
 NGX_PID=$(cat "$WORK/nginx-front.pid")
 cat > "$WORK/report.lua" <<'LUA'
 done = function(summary, latency, requests)

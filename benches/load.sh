@@ -38,8 +38,7 @@ if ! need wrk || ! need nginx || ! need haproxy || ! need h2load || ! need opens
 fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 cores (load generator on one, upstream + proxy on the other)" >&2; exit 1; }
-GEN="taskset -c 0"
-SUT="taskset -c 1"
+. benches/common.sh
 TICK=$(getconf CLK_TCK)
 
 UP=18081; NGX=18082; NGXS=18083; HAP=18084; PC=18085; PCN=18086; PCL=18087; PCS=18088
@@ -56,13 +55,6 @@ TOKEN=$(cat "$WORK/token")
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
   -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
 
-# The upstream: nginx, one worker on core 1.
-cat > "$WORK/nginx-up.conf" <<NGINX
-worker_processes 1; worker_cpu_affinity 10;
-pid $WORK/nginx-up.pid; error_log $WORK/nginx-up.log;
-events { worker_connections 20000; }
-http { access_log off; server { listen 127.0.0.1:$UP backlog=4096; location / { return 200 "ok\n"; } } }
-NGINX
 # nginx as the plain reverse proxy (HTTP and TLS with HTTP/2), one worker on core 1.
 cat > "$WORK/nginx-proxy.conf" <<NGINX
 worker_processes 1; worker_cpu_affinity 10;
@@ -80,7 +72,7 @@ http {
   }
 }
 NGINX
-nginx -c "$WORK/nginx-up.conf"
+upstream_nginx $UP 20000
 nginx -c "$WORK/nginx-proxy.conf"
 
 cat > "$WORK/haproxy.cfg" <<HAPROXY
@@ -141,13 +133,6 @@ pc_config $PCT2 $ADMT2 100000 "" 0.01 > "$WORK/pc-trace-0.01.toml"
   printf '[[rate_limits]]\nname = "per-user"\nkey = "sub"\nrate = "1000000/s"\n'
 } > "$WORK/pc-limits.toml"
 PCS_TLS=$((PCS + 100))
-start_pc() { # $1 config, $2 log level, $3 admin port; prints the pid
-  PORTCULLIS_LOG=$2 $SUT "$BIN" run --config "$1" 2>>"$WORK/pc-$3.log" >/dev/null &
-  local pid=$!
-  echo $pid >> "$WORK/pids"
-  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
-  echo $pid
-}
 PC_PID=$(start_pc "$WORK/pc.toml" warn $ADM)
 PCN_PID=$(start_pc "$WORK/pc-nocache.toml" warn $ADMN)
 PCL_PID=$(start_pc "$WORK/pc-log.toml" info $ADML)
@@ -159,18 +144,6 @@ sleep 1
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 IDLE_RSS=$(rss "$PC_PID")
 
-tree() { # a pid and its descendants
-  local p=$1; echo "$p"
-  for c in $(pgrep -P "$p" 2>/dev/null); do tree "$c"; done
-}
-ticks() { # user+system clock ticks of a process tree
-  local sum=0
-  for p in $(tree "$1"); do
-    [ -r "/proc/$p/stat" ] || continue
-    sum=$((sum + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat")))
-  done
-  echo $sum
-}
 NGX_PID=$(cat "$WORK/nginx-proxy.pid"); HAP_PID=$(cat "$WORK/haproxy.pid"); UP_PID=$(cat "$WORK/nginx-up.pid")
 
 cat > "$WORK/report.lua" <<'LUA'
