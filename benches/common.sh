@@ -18,12 +18,14 @@ ticks() { # user+system clock ticks of a process tree
   echo $sum
 }
 
-upstream_nginx() { # $1 port, $2 worker_connections: nginx answering `ok`, one worker on core 1
+upstream_nginx() { # $1 port, $2 worker_connections[, $3 HTTP/2 (prior knowledge) port]: nginx answering `ok`, one worker on core 1
+  local h2=""
+  [ -n "${3:-}" ] && h2="server { listen 127.0.0.1:$3 http2 backlog=4096; keepalive_requests 1000000; location / { return 200 \"ok\\n\"; } }"
   cat > "$WORK/nginx-up.conf" <<NGINX
 worker_processes 1; worker_cpu_affinity 10;
 pid $WORK/nginx-up.pid; error_log $WORK/nginx-up.log;
 events { worker_connections $2; }
-http { access_log off; server { listen 127.0.0.1:$1 backlog=4096; location / { return 200 "ok\n"; } } }
+http { access_log off; server { listen 127.0.0.1:$1 backlog=4096; location / { return 200 "ok\n"; } } $h2 }
 NGINX
   nginx -c "$WORK/nginx-up.conf"
 }

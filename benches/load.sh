@@ -12,7 +12,8 @@
 # against nginx `ssl http2`), the access log at info vs warn, `[tracing]` at
 # sample_ratio 1.0 and 0.01 (spans POSTed to the upstream nginx, which answers
 # 200 like a collector; its CPU is not counted), one `sub` rate limit plus 20
-# rules (the last one deciding, on a claim), 1 vs 2 workers
+# rules (the last one deciding, on a claim), upstream_protocol = "h2" (to the
+# upstream nginx's HTTP/2 port), 1 vs 2 workers
 # unpinned, and portcullis' RSS idle and with 10,000 keep-alive connections.
 # Traffic goes to 127.0.0.1 only; every run is bounded in time.
 #
@@ -45,6 +46,7 @@ UP=18081; NGX=18082; NGXS=18083; HAP=18084; PC=18085; PCN=18086; PCL=18087; PCS=
 ADM=18091; ADMN=18092; ADML=18093; ADMS=18094
 PCT=18089; PCT2=18090; ADMT=18095; ADMT2=18096
 PCR=18097; ADMR=18098   # one rate limit and 20 rules on the route
+PCH=18099; ADMH=18100; UPH2=18101   # upstream_protocol = "h2" to the upstream's HTTP/2 port
 FIX=$PWD/tests/fixtures
 cargo build --release --quiet --bin portcullis --example mint
 BIN=$PWD/target/release/portcullis
@@ -72,7 +74,7 @@ http {
   }
 }
 NGINX
-upstream_nginx $UP 20000
+upstream_nginx $UP 20000 $UPH2
 nginx -c "$WORK/nginx-proxy.conf"
 
 cat > "$WORK/haproxy.cfg" <<HAPROXY
@@ -132,6 +134,7 @@ pc_config $PCT2 $ADMT2 100000 "" 0.01 > "$WORK/pc-trace-0.01.toml"
   printf '[[routes.rules]]\npath_prefix = "/"\nclaims = { sub = "user-0" }\n'
   printf '[[rate_limits]]\nname = "per-user"\nkey = "sub"\nrate = "1000000/s"\n'
 } > "$WORK/pc-limits.toml"
+pc_config $PCH $ADMH 100000 "" | sed "s|^upstream = .*|upstream = \"http://127.0.0.1:$UPH2\"\nupstream_protocol = \"h2\"|" > "$WORK/pc-h2up.toml"
 PCS_TLS=$((PCS + 100))
 PC_PID=$(start_pc "$WORK/pc.toml" warn $ADM)
 PCN_PID=$(start_pc "$WORK/pc-nocache.toml" warn $ADMN)
@@ -140,6 +143,7 @@ PCS_PID=$(start_pc "$WORK/pc-tls.toml" warn $ADMS)
 PCT_PID=$(start_pc "$WORK/pc-trace.toml" warn $ADMT)
 PCT2_PID=$(start_pc "$WORK/pc-trace-0.01.toml" warn $ADMT2)
 PCR_PID=$(start_pc "$WORK/pc-limits.toml" warn $ADMR)
+PCH_PID=$(start_pc "$WORK/pc-h2up.toml" warn $ADMH)
 sleep 1
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 IDLE_RSS=$(rss "$PC_PID")
@@ -200,6 +204,7 @@ for r in $(seq "$ROUNDS"); do
   wrk_run portcullis_trace_1.0 "$PCT_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCT/"
   wrk_run portcullis_trace_0.01 "$PCT2_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCT2/"
   wrk_run portcullis_limit_rules "$PCR_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCR/"
+  wrk_run portcullis_h2_upstream "$PCH_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCH/"
   h2_run nginx_tls_h1 "$NGX_PID" --h1 -c64 "https://127.0.0.1:$NGXS/"
   h2_run portcullis_tls_h1 "$PCS_PID" --h1 -c64 "${AUTH[@]}" "https://127.0.0.1:$PCS_TLS/"
   h2_run nginx_tls_h2 "$NGX_PID" -c32 -m8 "https://127.0.0.1:$NGXS/"
@@ -299,6 +304,8 @@ ratio("access log info / warn", "portcullis_access_log", "portcullis", 1.10)
 ratio("tracing sample_ratio 1.0 / off", "portcullis_trace_1.0", "portcullis")
 ratio("tracing sample_ratio 0.01 / off", "portcullis_trace_0.01", "portcullis")
 ratio("rate limit + 20 rules / neither", "portcullis_limit_rules", "portcullis")
+ratio("upstream_protocol h2 / http1", "portcullis_h2_upstream", "portcullis")
+ratio("upstream_protocol h2 portcullis / nginx", "portcullis_h2_upstream", "nginx", 0.8)
 if all(k in med for k in ("lat_direct", "lat_nginx", "lat_portcullis")):
     d = med["lat_direct"][2]
     pn, pp = med["lat_nginx"][2] - d, med["lat_portcullis"][2] - d
