@@ -106,6 +106,20 @@ name = "feed"
 path_prefix = "/feed"
 upstream = "{echo}"
 issuer = "main"
+
+[[routes]]
+name = "limited"
+path_prefix = "/portcullis.test.Limited"
+upstream = "{up}"
+upstream_protocol = "h2"
+issuer = "main"
+
+[[rate_limits]]
+name = "one-a-minute"
+key = "sub"
+rate = "1/m"
+burst = 1
+routes = ["limited"]
 "#,
         up = up.url(),
         down = down.url(),
@@ -287,6 +301,11 @@ async fn calls_the_proxy_refuses_get_grpc_statuses_with_the_reason() {
     assert_refused(c.who("portcullis.test.Small", big).await, Code::ResourceExhausted, "body_too_large");
     // The same connection still carries calls that are let through.
     c.who(PROBE, with_bearer(who(), &token)).await.expect("an admitted call on the same connection");
+
+    // Over a rate limit: UNAVAILABLE (retry later), with the reason.
+    let limited = "portcullis.test.Limited";
+    c.who(limited, with_bearer(who(), &token)).await.expect("the first call fits the bucket");
+    assert_refused(c.who(limited, with_bearer(who(), &token)).await, Code::Unavailable, "rate_limited");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
