@@ -9,7 +9,8 @@ pub mod cache;
 pub mod introspect;
 pub mod jwks;
 pub mod jwt;
-pub mod keys;
+/// Verification keys are parsed at load by `config`, which `auth` depends on.
+pub(crate) use crate::keys;
 pub mod revocation;
 pub mod rules;
 

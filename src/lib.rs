@@ -22,8 +22,9 @@
 //! ```
 //!
 //! Beside the path: `state` (Snapshot per configuration, Runtime across them),
-//! `config` (data only), `reload`, `admin`, `metrics`, `oauth` (the
-//! authorization-server client), `fleet` (Redis-shared state), `trace::export`
+//! `config` (data only, with `keys` parsed once at load), `reload`, `admin`, `metrics`, `oauth` (the
+//! authorization-server client), `outbound` (the one client and bounded
+//! exchange for every call the proxy makes itself), `fleet` (Redis-shared state), `trace::export`
 //! (spans batched to the OTLP collector on a background task).
 
 pub(crate) mod admin;
@@ -38,8 +39,10 @@ pub mod explain;
 pub(crate) mod fleet;
 pub(crate) mod forward;
 pub(crate) mod forward_auth;
+pub(crate) mod keys;
 pub(crate) mod metrics;
 pub(crate) mod oauth;
+pub(crate) mod outbound;
 pub(crate) mod proxy;
 pub(crate) mod ratelimit;
 pub mod reload;

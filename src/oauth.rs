@@ -2,9 +2,8 @@
 //! RFC 7009 revocation, client authentication modes, and a hard timeout.
 //! Outcomes are classified by origin: `invalid_grant` ends a session; anything
 //! else that goes wrong (unreachable, slow, 5xx, misconfigured client) is the
-//! server's problem and must not log anyone out. Also the one outbound client
-//! shape (http or https with public roots, HTTP/1.1, pooled) used for the
-//! authorization server, discovery and JWKS.
+//! server's problem and must not log anyone out. The outbound client
+//! itself is `crate::outbound`.
 
 pub mod discovery;
 
@@ -16,39 +15,13 @@ use arc_swap::ArcSwap;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http_body_util::Full;
 use serde::Deserialize;
 
 use crate::body::BoxError;
 use crate::config::{AuthServerSettings, ClientAuth};
 
-pub type HttpsClient<B> = Client<HttpsConnector<HttpConnector>, B>;
-
-/// The outbound client for calls the proxy makes itself.
-pub fn outbound_client<B>(connect_timeout: Duration) -> Result<HttpsClient<B>, rustls::Error>
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-{
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    let tls = crate::tls::client_config(&[])?;
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_timer(TokioTimer::new())
-        .build(connector))
-}
+pub use crate::outbound::{outbound_client, HttpsClient};
 
 const MAX_TOKEN_RESPONSE: usize = 256 * 1024;
 
@@ -159,20 +132,18 @@ impl ClientCredentials {
     }
 }
 
-/// Sends `req` and reads the whole answer (at most `max` bytes) within `timeout`.
+/// [`crate::outbound::exchange`], its failures as grant errors.
 pub async fn exchange(
     client: &HttpsClient<Full<Bytes>>,
     req: Request<Full<Bytes>>,
     timeout: Duration,
     max: usize,
 ) -> Result<(StatusCode, http::HeaderMap, Bytes), GrantError> {
-    let exchange = async {
-        let resp = client.request(req).await.map_err(GrantError::Request)?;
-        let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, max).collect().await.map_err(GrantError::Body)?.to_bytes();
-        Ok((parts.status, parts.headers, body))
-    };
-    tokio::time::timeout(timeout, exchange).await.map_err(|_| GrantError::Timeout(timeout))?
+    crate::outbound::exchange(client, req, timeout, max).await.map_err(|e| match e {
+        crate::outbound::CallError::Request(e) => GrantError::Request(e),
+        crate::outbound::CallError::Body(e) => GrantError::Body(e),
+        crate::outbound::CallError::Timeout(d) => GrantError::Timeout(d),
+    })
 }
 
 impl OAuthClient {

@@ -18,7 +18,7 @@ use super::secret::{Env, Secret};
 use super::settings::*;
 use super::units::{parse_duration, parse_size};
 use super::{resolve, Problems};
-use crate::auth::keys::{self, KeyFamily, KeySet};
+use crate::keys::{self, KeyFamily, KeySet};
 
 /// An error and its causes as one message line: `what (because) (because)`.
 fn with_causes(e: &dyn std::error::Error) -> String {

@@ -12,7 +12,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 
 use super::secret::Secret;
-use crate::auth::keys::KeySet;
+use crate::keys::KeySet;
 
 /// A validated configuration: what `check` accepts and `run` serves.
 pub struct Config {

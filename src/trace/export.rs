@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use super::{Attr, Kind, Span};
 use crate::config::TracingSettings;
 use crate::metrics::Metrics;
-use crate::oauth::HttpsClient;
+use crate::outbound::HttpsClient;
 
 /// Spans waiting for export; past this they are dropped.
 const QUEUE: usize = 4096;
@@ -59,7 +59,7 @@ impl Exporter {
     /// Starts the export task; must run inside a Tokio runtime. The task ends
     /// when the last `Exporter` is dropped, after sending what it holds.
     pub fn start(settings: TracingSettings, metrics: Arc<Metrics>) -> Result<Self, rustls::Error> {
-        let client = crate::oauth::outbound_client(EXPORT_TIMEOUT)?;
+        let client = crate::outbound::outbound_client(EXPORT_TIMEOUT)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let (flush, flushes) = mpsc::channel(1);
         let url = traces_url(&settings.otlp_endpoint);
@@ -226,7 +226,7 @@ impl Task {
             .header(header::USER_AGENT, "portcullis")
             .body(Full::new(Bytes::from(body)))
             .map_err(ExportError::Build)?;
-        let (status, _, _) = crate::oauth::exchange(&self.client, req, EXPORT_TIMEOUT, 64 * 1024)
+        let (status, _, _) = crate::outbound::exchange(&self.client, req, EXPORT_TIMEOUT, 64 * 1024)
             .await
             .map_err(ExportError::Call)?;
         if !status.is_success() {
@@ -241,7 +241,7 @@ enum ExportError {
     #[error("cannot build the export request")]
     Build(#[source] http::Error),
     #[error("the collector call failed")]
-    Call(#[source] crate::oauth::GrantError),
+    Call(#[source] crate::outbound::CallError),
     #[error("the collector answered {0}")]
     Status(http::StatusCode),
 }
