@@ -30,8 +30,8 @@ NGINX
   nginx -c "$WORK/nginx-up.conf"
 }
 
-start_pc() { # $1 config, $2 log level, $3 admin port; starts portcullis on core 1, waits for /readyz, prints the pid
-  PORTCULLIS_LOG=$2 $SUT "$BIN" run --config "$1" 2>>"$WORK/pc-$3.log" >/dev/null &
+start_pc() { # $1 config, $2 log level, $3 admin port[, $4 binary]; starts portcullis on core 1, waits for /readyz, prints the pid
+  PORTCULLIS_LOG=$2 $SUT "${4:-$BIN}" run --config "$1" 2>>"$WORK/pc-$3.log" >/dev/null &
   local pid=$!
   echo $pid >> "$WORK/pids"
   for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$3/readyz" >/dev/null 2>&1 && break; sleep 0.1; done

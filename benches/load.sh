@@ -19,6 +19,7 @@
 #
 #   benches/load.sh [DURATION_SECS] [ROUNDS]
 #   ONLY="portcullis nginx" benches/load.sh 5 1   # a subset of targets (names as printed; "workers", "rss")
+#   BASELINE_BIN=/path/to/other/portcullis benches/load.sh   # also "portcullis_baseline": that build, same config, interleaved
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-10}
@@ -47,6 +48,7 @@ ADM=18091; ADMN=18092; ADML=18093; ADMS=18094
 PCT=18089; PCT2=18090; ADMT=18095; ADMT2=18096
 PCR=18097; ADMR=18098   # one rate limit and 20 rules on the route
 PCH=18099; ADMH=18100; UPH2=18101   # upstream_protocol = "h2" to the upstream's HTTP/2 port
+PCB=18102; ADMB=18103   # BASELINE_BIN
 FIX=$PWD/tests/fixtures
 cargo build --release --quiet --bin portcullis --example mint
 BIN=$PWD/target/release/portcullis
@@ -144,6 +146,10 @@ PCT_PID=$(start_pc "$WORK/pc-trace.toml" warn $ADMT)
 PCT2_PID=$(start_pc "$WORK/pc-trace-0.01.toml" warn $ADMT2)
 PCR_PID=$(start_pc "$WORK/pc-limits.toml" warn $ADMR)
 PCH_PID=$(start_pc "$WORK/pc-h2up.toml" warn $ADMH)
+if [ -n "${BASELINE_BIN:-}" ]; then
+  pc_config $PCB $ADMB 100000 "" > "$WORK/pc-baseline.toml"
+  PCB_PID=$(start_pc "$WORK/pc-baseline.toml" warn $ADMB "$BASELINE_BIN")
+fi
 sleep 1
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 IDLE_RSS=$(rss "$PC_PID")
@@ -197,6 +203,7 @@ for r in $(seq "$ROUNDS"); do
   wrk_run nginx "$NGX_PID" 64 -s "$WORK/report.lua" "http://127.0.0.1:$NGX/"
   wrk_run haproxy_jwt "$HAP_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$HAP/"
   wrk_run portcullis "$PC_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PC/"
+  [ -n "${PCB_PID:-}" ] && wrk_run portcullis_baseline "$PCB_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCB/"
   wrk_run portcullis_1000_tokens "$PC_PID" 64 -s "$WORK/many.lua" "http://127.0.0.1:$PC/"
   wrk_run portcullis_nocache "$PCN_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCN/"
   wrk_run portcullis_nocache_1000_tokens "$PCN_PID" 64 -s "$WORK/many.lua" "http://127.0.0.1:$PCN/"
@@ -305,6 +312,7 @@ ratio("tracing sample_ratio 1.0 / off", "portcullis_trace_1.0", "portcullis")
 ratio("tracing sample_ratio 0.01 / off", "portcullis_trace_0.01", "portcullis")
 ratio("rate limit + 20 rules / neither", "portcullis_limit_rules", "portcullis")
 ratio("upstream_protocol h2 / http1", "portcullis_h2_upstream", "portcullis")
+ratio("portcullis / BASELINE_BIN", "portcullis", "portcullis_baseline")
 ratio("upstream_protocol h2 portcullis / nginx", "portcullis_h2_upstream", "nginx", 0.8)
 if all(k in med for k in ("lat_direct", "lat_nginx", "lat_portcullis")):
     d = med["lat_direct"][2]
