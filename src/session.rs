@@ -59,12 +59,7 @@ impl Sessions {
         id_token: Option<String>,
         now: i64,
     ) -> RefreshCookie {
-        let claims = |t: &str| -> Option<serde_json::Map<String, serde_json::Value>> {
-            use base64::Engine as _;
-            let payload = t.split('.').nth(1)?;
-            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
-            serde_json::from_slice(&bytes).ok()
-        };
+        let claims = crate::auth::jwt::unverified_payload::<serde_json::Map<String, serde_json::Value>>;
         let from_id = id_token.as_deref().and_then(claims);
         let from_access = claims(access_token);
         let sub = from_id

@@ -334,15 +334,20 @@ pub fn claims_from(all: Map<String, Value>, exp: i64) -> Claims {
     Claims { sub: id_claim(all.get("sub")), jti: id_claim(all.get("jti")), exp, iat, aud, scopes, all }
 }
 
+/// A JWT's payload, read without any check: only for a choice a verification
+/// follows, for tokens straight from the token endpoint, or for display.
+pub fn unverified_payload<T: serde::de::DeserializeOwned>(token: &str) -> Option<T> {
+    let payload = token.split('.').nth(1)?;
+    serde_json::from_slice(&B64.decode(payload).ok()?).ok()
+}
+
 /// The unverified `iss` of a JWT's payload, to choose among a route's issuers.
 pub fn peek_issuer(token: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Iss {
         iss: Option<String>,
     }
-    let payload = token.split('.').nth(1)?;
-    let bytes = B64.decode(payload).ok()?;
-    serde_json::from_slice::<Iss>(&bytes).ok()?.iss
+    unverified_payload::<Iss>(token)?.iss
 }
 
 /// Whether `token` has the shape of a JWS (three dot-separated parts); anything

@@ -19,7 +19,8 @@ pub fn echo<B>(req: &Request<B>) -> Answer {
         // The API receives the access token; the page must not show one, or it
         // would contradict what the demo is there to prove.
         let text = if name == header::AUTHORIZATION {
-            claims = text.strip_prefix("Bearer ").and_then(payload);
+            // Claims only, without the signature that would make the token usable.
+            claims = text.strip_prefix("Bearer ").and_then(crate::auth::jwt::unverified_payload::<Value>);
             "Bearer (the access token, not shown; its claims are below)".to_owned()
         } else {
             text.into_owned()
@@ -36,14 +37,6 @@ pub fn echo<B>(req: &Request<B>) -> Answer {
             "access_token_claims": claims,
         }),
     )
-}
-
-/// A JWT's payload: claims only, without the signature that would make it usable.
-fn payload(jwt: &str) -> Option<Value> {
-    use base64::Engine as _;
-    let part = jwt.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 /// The SPA's files, and `/demo.json` telling the page where the demo IdP is.
