@@ -95,8 +95,19 @@ pub(super) fn gate(
     target: &Target,
     s: &Sessions,
 ) -> Result<(), AuthError> {
+    gate_as(req.method(), req, conn, target, s)
+}
+
+/// The CSRF gate as for a request with `method` (a GET logout is held to the POST rule).
+pub(super) fn gate_as(
+    method: &http::Method,
+    req: &Request<Incoming>,
+    conn: &Conn,
+    target: &Target,
+    s: &Sessions,
+) -> Result<(), AuthError> {
     let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
-    csrf::check(req.method(), req.headers(), own, &s.settings.allowed_origins).map_err(|_| AuthError::Csrf)
+    csrf::check(method, req.headers(), own, &s.settings.allowed_origins).map_err(|_| AuthError::Csrf)
 }
 
 async fn refresh(

@@ -15,9 +15,9 @@ use hyper::body::Incoming;
 
 use super::cookies::RefreshCookie;
 use super::endpoints::{gate, redirect, EndpointError};
-use super::{csrf, SessionCtx};
+use super::SessionCtx;
+use crate::auth::jwt;
 use crate::auth::revocation::Revocation;
-use crate::auth::{jwt, AuthError};
 use crate::body::Body;
 use crate::clock::unix_now;
 use crate::conn::Conn;
@@ -98,13 +98,8 @@ pub async fn navigate(
     // A navigation has no Origin as a rule; a cross-site one (by Sec-Fetch-Site or Origin) is refused.
     let site = req.headers().get("sec-fetch-site").and_then(|v| v.to_str().ok());
     if matches!(site, Some("cross-site" | "same-site")) || req.headers().contains_key(header::ORIGIN) {
-        let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
         // The POST rule: `Origin`, else `Referer` (a navigation carries no `Origin`).
-        let origin_ok =
-            csrf::check(&http::Method::POST, req.headers(), own, &s.settings.allowed_origins).is_ok();
-        if !origin_ok {
-            return Err(AuthError::Csrf.into());
-        }
+        super::endpoints::gate_as(&http::Method::POST, &req, conn, target, s)?;
     }
     let rc = end_local(&req, cx, cookies).await;
     let after = s.settings.post_logout_redirect_uri.as_deref();
