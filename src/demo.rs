@@ -1,11 +1,12 @@
 //! `portcullis demo`: the whole product on 127.0.0.1 with nothing else
 //! installed. The real proxy (`Server`, as `run` starts it) on a generated
 //! configuration, in front of an echo API and the example SPA, with the demo
-//! identity provider (`idp`) as its authorization server and token issuer.
+//! identity provider (`idp`, which the test suite's authorization server
+//! is also built on) as its authorization server and token issuer.
 
 mod apps;
 mod http;
-mod idp;
+pub mod idp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,10 +51,11 @@ pub async fn demo(opts: Options) -> ExitCode {
     let port_of = |l: &TcpListener| l.local_addr().map(|a| a.port()).unwrap_or(0);
     let (idp_port, api_port, spa_port) = (port_of(&idp_l), port_of(&api_l), port_of(&spa_l));
     let issuer = format!("http://127.0.0.1:{idp_port}");
-    let Ok(idp) = idp::Idp::new(issuer.clone(), access_ttl()) else {
+    let Ok(key) = idp::RsaKey::generate() else {
         eprintln!("cannot generate the demo identity provider's key");
         return ExitCode::from(1);
     };
+    let idp = idp::Idp::new(idp::Options::demo(issuer.clone(), access_ttl()), std::sync::Arc::new(key));
     let handler = idp.clone();
     http::serve(idp_l, move |req| handler.clone().handle(req));
     http::serve(api_l, |req| std::future::ready(apps::echo(&req)));
@@ -95,7 +97,7 @@ pub async fn demo(opts: Options) -> ExitCode {
          \x20 metrics            http://{admin}/metrics\n\
          \x20 access tokens live {ttl} s; Ctrl-C stops everything",
         user = idp::USER,
-        pw = idp.password,
+        pw = idp.password(),
         ttl = access_ttl(),
     );
     server
@@ -127,7 +129,7 @@ admin = "127.0.0.1:0"
 [[issuers]]
 name = "demo"
 issuer = "{issuer}"
-jwks_url = "{issuer}/jwks"
+jwks_url = "{issuer}/jwks.json"
 algorithms = ["RS256"]
 
 [auth_server]
@@ -137,7 +139,7 @@ revocation_url = "{issuer}/revoke"
 issuer = "{issuer}"
 client_id = "{client}"
 client_auth = "none"
-scope = "openid offline_access orders:read"
+scope = "{scope}"
 
 [session]
 cookie_key_env = "PORTCULLIS_DEMO_COOKIE_KEY"
@@ -170,6 +172,7 @@ auth = "none"
 "#,
         client = idp::CLIENT_ID,
         aud = idp::AUDIENCE,
+        scope = idp::SCOPE,
         ahead = refresh_ahead(access_ttl()),
     )
 }

@@ -29,7 +29,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod auth;
-pub(crate) mod body;
+pub mod body;
 pub(crate) mod clock;
 pub mod config;
 pub(crate) mod conn;

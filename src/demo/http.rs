@@ -57,10 +57,6 @@ pub fn form(body: &[u8]) -> HashMap<String, String> {
     form_urlencoded::parse(body).into_owned().collect()
 }
 
-pub fn query<B>(req: &Request<B>) -> HashMap<String, String> {
-    form(req.uri().query().unwrap_or("").as_bytes())
-}
-
 /// Serves `listener` until the process ends, each request answered by `handle`.
 pub fn serve<H, F>(listener: TcpListener, handle: H)
 where

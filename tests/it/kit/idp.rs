@@ -1,17 +1,16 @@
-//! A small authorization server for the tests, behaving like the RFCs where the
-//! proxy can tell: a JWKS endpoint whose keys can rotate, RS256/ES256/EdDSA
-//! token minting, a token endpoint with rotating refresh tokens and reuse
-//! detection (reusing a rotated refresh token revokes the whole family, RFC 9700
-//! §4.14.2), authorization code + PKCE, RFC 7009 revocation, a login endpoint
-//! for passthrough, and outages on demand — of the token endpoint and of the JWKS.
-//! As an OpenID provider ([`TestIdp::set_id_tokens`]) it gives every session a
-//! `sid`, issues ID tokens, publishes an `end_session_endpoint` (RP-initiated
-//! logout) and mints back-channel logout tokens ([`TestIdp::logout_claims`]).
+//! The tests' authorization server: the demo's identity provider
+//! (`portcullis::demo::idp`, the same code `portcullis demo` runs: authorization
+//! code + PKCE, rotating refresh tokens with reuse detection, RFC 7009
+//! revocation, OpenID sessions with `sid`, ID tokens, RP-initiated logout)
+//! signed with the fixture keys, signing in as `alice` without a form, plus what
+//! only tests need: JWKS keys that rotate and fail on demand ([`JwksAnswer`]),
+//! token-endpoint outages ([`Outage`]), a password login endpoint for
+//! passthrough, opaque access tokens ([`TestIdp::set_opaque_access`]), counters,
+//! and a record of what the proxy sent.
 //!
-//! It is also the tests' only JWKS server: a JWKS endpoint that fails on demand
-//! ([`JwksAnswer`]), one that is stopped ([`TestIdp::stop`]) or that only starts
-//! later ([`TestIdp::start_on`]), and the attacker's server that must never be
-//! contacted ([`TestIdp::connections`]).
+//! It is also the tests' only JWKS server: one that fails on demand, one that is
+//! stopped ([`TestIdp::stop`]) or that only starts later ([`TestIdp::start_on`]),
+//! and the attacker's server that must never be contacted ([`TestIdp::connections`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,10 +21,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use portcullis::body::{full, json_response, Body};
+use portcullis::demo::idp::{self as core, Idp, Kind, Login, Signer};
 use serde_json::{json, Value};
 
 use super::config::Table;
@@ -109,39 +110,16 @@ pub enum JwksAnswer {
     NoKeys,
 }
 
-#[derive(Debug, Clone)]
-struct Family {
-    sub: String,
-    /// The provider's session id (`sid` of its ID tokens): one per login.
-    sid: String,
-    revoked: bool,
-}
-
-#[derive(Debug, Clone)]
-struct RefreshState {
-    family: usize,
-    used: bool,
-}
-
 struct Inner {
     keys: Vec<String>,
     signing_kid: String,
-    access_ttl: i64,
-    rotate: bool,
     outage: Outage,
-    refresh: HashMap<String, RefreshState>,
-    families: Vec<Family>,
-    codes: HashMap<String, (String, String)>, // code -> (sub, code_challenge)
     last_token_form: HashMap<String, String>,
     last_token_auth: Option<String>,
     jwks_cache_control: Option<String>,
     jwks_answer: JwksAnswer,
-    /// Logins answer with an ID token, and access tokens carry the session's `sid`.
-    id_tokens: bool,
     /// Every ID token issued, in order.
     issued_id_tokens: Vec<String>,
-    /// Discovery names `{issuer}/logout` as `end_session_endpoint`.
-    end_session: bool,
     /// The query of every request to the end-session endpoint, in order.
     end_session_requests: Vec<HashMap<String, String>>,
     /// Access tokens are opaque strings, each handed with its claims to this hook.
@@ -151,8 +129,56 @@ struct Inner {
 /// Told every opaque access token issued, with the claims it stands for.
 type OpaqueHook = Arc<dyn Fn(&str, &Value) + Send + Sync>;
 
+/// The provider's keys: the fixture key chosen for signing, the published set
+/// for the JWKS, opaque access tokens when asked for.
+struct FixtureKeys(Arc<Mutex<Inner>>);
+
+impl Signer for FixtureKeys {
+    fn sign(&self, kind: Kind, claims: &Value) -> String {
+        let (kid, opaque) = {
+            let g = self.0.lock().unwrap();
+            (g.signing_kid.clone(), g.opaque.clone())
+        };
+        match (kind, opaque) {
+            (Kind::Access, Some(hook)) => {
+                let token = super::introspect::opaque_token();
+                hook(&token, claims);
+                token
+            }
+            (Kind::Access, None) => sign(&kid, claims),
+            (Kind::Id, _) => {
+                let token = sign(&kid, claims);
+                self.0.lock().unwrap().issued_id_tokens.push(token.clone());
+                token
+            }
+            (Kind::Logout, _) => {
+                let mut h = Header::new(alg_of(&kid));
+                h.kid = Some(kid.clone());
+                h.typ = Some("logout+jwt".into());
+                sign_with_header(&kid, h, claims)
+            }
+        }
+    }
+
+    fn verify(&self, token: &str) -> Option<Value> {
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk(&header.kid?)).ok()?;
+        let key = DecodingKey::from_jwk(&jwk).ok()?;
+        let mut v = Validation::new(header.alg);
+        v.validate_exp = false;
+        v.validate_aud = false;
+        v.required_spec_claims.clear();
+        jsonwebtoken::decode::<Value>(token, &key, &v).ok().map(|d| d.claims)
+    }
+
+    fn jwks(&self) -> Value {
+        jwks(&self.0.lock().unwrap().keys)
+    }
+}
+
 pub struct TestIdp {
     pub addr: SocketAddr,
+    core: Arc<Idp>,
     inner: Arc<Mutex<Inner>>,
     /// Requests for the JWKS, whatever the answer.
     pub jwks_fetches: Arc<AtomicUsize>,
@@ -162,7 +188,6 @@ pub struct TestIdp {
     pub login_calls: Arc<AtomicUsize>,
     /// Connections accepted, on any path.
     pub connections: Arc<AtomicUsize>,
-    counter: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -175,8 +200,7 @@ impl Drop for TestIdp {
 pub const AUDIENCE: &str = "orders-api";
 pub const CLIENT_ID: &str = "edge";
 pub const CLIENT_SECRET: &str = "s3cret-client";
-/// The event a back-channel logout token carries (OpenID Connect Back-Channel Logout 1.0 §2.4).
-pub const BACKCHANNEL_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+pub use core::BACKCHANNEL_EVENT;
 
 impl TestIdp {
     pub async fn start() -> TestIdp {
@@ -190,66 +214,51 @@ impl TestIdp {
         let inner = Arc::new(Mutex::new(Inner {
             keys: vec!["rsa1".into(), "ec1".into(), "ed1".into()],
             signing_kid: "rsa1".into(),
-            access_ttl: 300,
-            rotate: true,
             outage: Outage::None,
-            refresh: HashMap::new(),
-            families: Vec::new(),
-            codes: HashMap::new(),
             last_token_form: HashMap::new(),
             last_token_auth: None,
             jwks_cache_control: None,
             jwks_answer: JwksAnswer::Keys,
-            id_tokens: false,
             issued_id_tokens: Vec::new(),
-            end_session: true,
             end_session_requests: Vec::new(),
             opaque: None,
         }));
-        let server = Handles {
-            issuer: format!("http://{addr}"),
-            inner,
+        let mut redirects = core::loopback_prefixes();
+        redirects.push("http://app.test/".into());
+        let core = Idp::new(
+            core::Options {
+                issuer: format!("http://{addr}"),
+                client_id: CLIENT_ID.into(),
+                client_secret: Some(CLIENT_SECRET.into()),
+                audience: AUDIENCE.into(),
+                scope: "orders:read orders:write".into(),
+                login: Login::Auto("alice".into()),
+                redirects,
+                profile: Default::default(),
+                access_ttl: 300,
+            },
+            Arc::new(FixtureKeys(inner.clone())),
+        );
+        core.set_id_tokens(false);
+        let server = Server {
+            core: core.clone(),
+            inner: inner.clone(),
             jwks_fetches: Arc::new(AtomicUsize::new(0)),
             token_calls: Arc::new(AtomicUsize::new(0)),
             revocations: Arc::new(AtomicUsize::new(0)),
             login_calls: Arc::new(AtomicUsize::new(0)),
             connections: Arc::new(AtomicUsize::new(0)),
-            counter: Arc::new(AtomicUsize::new(0)),
         };
-        let handles = server.clone();
-        let task = tokio::spawn(async move {
-            // Connections live in this set: aborting this task drops them all.
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        server.connections.fetch_add(1, Ordering::SeqCst);
-                        let server = server.clone();
-                        conns.spawn(async move {
-                            let svc = hyper::service::service_fn(move |req| {
-                                let server = server.clone();
-                                async move { Ok::<_, Infallible>(server.handle(req).await) }
-                            });
-                            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
         TestIdp {
             addr,
-            inner: handles.inner,
-            jwks_fetches: handles.jwks_fetches,
-            token_calls: handles.token_calls,
-            revocations: handles.revocations,
-            login_calls: handles.login_calls,
-            connections: handles.connections,
-            counter: handles.counter,
-            task,
+            core,
+            inner,
+            jwks_fetches: server.jwks_fetches.clone(),
+            token_calls: server.token_calls.clone(),
+            revocations: server.revocations.clone(),
+            login_calls: server.login_calls.clone(),
+            connections: server.connections.clone(),
+            task: tokio::spawn(server.serve(listener)),
         }
     }
 
@@ -257,19 +266,6 @@ impl TestIdp {
     /// from now on the IdP refuses connections.
     pub fn stop(&self) {
         self.task.abort();
-    }
-
-    fn clone_handles(&self) -> Handles {
-        Handles {
-            issuer: self.issuer(),
-            inner: self.inner.clone(),
-            jwks_fetches: self.jwks_fetches.clone(),
-            token_calls: self.token_calls.clone(),
-            revocations: self.revocations.clone(),
-            login_calls: self.login_calls.clone(),
-            connections: self.connections.clone(),
-            counter: self.counter.clone(),
-        }
     }
 
     pub fn issuer(&self) -> String {
@@ -329,10 +325,10 @@ impl TestIdp {
         self.inner.lock().unwrap().opaque = Some(Arc::new(hook));
     }
     pub fn set_access_ttl(&self, secs: i64) {
-        self.inner.lock().unwrap().access_ttl = secs;
+        self.core.set_access_ttl(secs);
     }
     pub fn set_rotation(&self, rotate: bool) {
-        self.inner.lock().unwrap().rotate = rotate;
+        self.core.set_rotation(rotate);
     }
     pub fn set_outage(&self, o: Outage) {
         self.inner.lock().unwrap().outage = o;
@@ -353,11 +349,11 @@ impl TestIdp {
     /// As an OpenID provider: logins (code exchange and passthrough) answer with an
     /// ID token naming the session's `sid`, and access tokens carry that `sid` too.
     pub fn set_id_tokens(&self, on: bool) {
-        self.inner.lock().unwrap().id_tokens = on;
+        self.core.set_id_tokens(on);
     }
     /// Whether discovery names an `end_session_endpoint` (it does by default).
     pub fn set_end_session(&self, published: bool) {
-        self.inner.lock().unwrap().end_session = published;
+        self.core.set_end_session(published);
     }
     /// Every ID token issued so far, in order.
     pub fn id_tokens(&self) -> Vec<String> {
@@ -372,46 +368,27 @@ impl TestIdp {
     /// issued now (OpenID Connect Back-Channel Logout 1.0 §2.4): `iss`, `aud` =
     /// [`CLIENT_ID`], `iat`, `exp` two minutes on, a fresh `jti`, the event.
     pub fn logout_claims(&self, sub: Option<&str>, sid: Option<&str>) -> Value {
-        let n = now();
-        let mut c = json!({
-            "iss": self.issuer(), "aud": CLIENT_ID, "iat": n, "exp": n + 120,
-            "jti": format!("logout-{}", self.counter.fetch_add(1, Ordering::SeqCst)),
-            "events": { BACKCHANNEL_EVENT: {} },
-        });
-        if let Some(sub) = sub {
-            c["sub"] = json!(sub);
-        }
-        if let Some(sid) = sid {
-            c["sid"] = json!(sid);
-        }
-        c
+        self.core.logout_claims(sub, sid)
     }
 
     /// `claims` signed as a logout token: the current signing key, `typ: logout+jwt`.
     pub fn logout_token(&self, claims: &Value) -> String {
-        let kid = self.inner.lock().unwrap().signing_kid.clone();
-        let mut h = Header::new(alg_of(&kid));
-        h.kid = Some(kid.clone());
-        h.typ = Some("logout+jwt".into());
-        sign_with_header(&kid, h, claims)
+        FixtureKeys(self.inner.clone()).sign(Kind::Logout, claims)
     }
 
     /// Ends every session at the server, as an administrator (or another device's logout) would.
     pub fn revoke_all_sessions(&self) {
-        for f in self.inner.lock().unwrap().families.iter_mut() {
-            f.revoked = true;
-        }
+        self.core.revoke_all();
     }
 
     /// Whether the refresh-token family containing `refresh` was revoked.
     pub fn family_revoked(&self, refresh: &str) -> bool {
-        let g = self.inner.lock().unwrap();
-        g.refresh.get(refresh).map(|r| g.families[r.family].revoked).unwrap_or(false)
+        self.core.family_revoked(refresh)
     }
 
     /// Claims of a normal access token for `sub`, valid for `ttl` seconds.
     pub fn claims(&self, sub: &str, ttl: i64) -> Value {
-        self.clone_handles().claims(sub, ttl)
+        self.core.access_claims(sub, None, ttl)
     }
 
     /// A signed access token for `sub` with the current signing key.
@@ -423,307 +400,129 @@ impl TestIdp {
     /// Starts a session as a login would: (access token, refresh token).
     #[allow(dead_code, reason = "no suite starts a session behind the proxy's back yet")]
     pub fn session(&self, sub: &str) -> (String, String) {
-        let (at, rt, _) = self.clone_handles().new_session(sub);
-        (at, rt)
+        let t = self.core.start_session(sub);
+        (t.access, t.refresh)
     }
 }
 
 #[derive(Clone)]
-struct Handles {
-    issuer: String,
+struct Server {
+    core: Arc<Idp>,
     inner: Arc<Mutex<Inner>>,
     jwks_fetches: Arc<AtomicUsize>,
     token_calls: Arc<AtomicUsize>,
     revocations: Arc<AtomicUsize>,
     login_calls: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
-    counter: Arc<AtomicUsize>,
-}
-
-fn json_resp(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
-    r
-}
-
-fn oauth_error(code: &str) -> Response<Full<Bytes>> {
-    json_resp(StatusCode::BAD_REQUEST, &json!({"error": code}))
 }
 
 pub fn parse_form(body: &[u8]) -> HashMap<String, String> {
-    form_urlencoded(std::str::from_utf8(body).unwrap_or(""))
+    form_urlencoded::parse(body).into_owned().collect()
 }
 
-fn form_urlencoded(s: &str) -> HashMap<String, String> {
-    s.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (pct_decode(k), pct_decode(v))
-        })
-        .collect()
-}
-
-fn pct_decode(s: &str) -> String {
-    let s = s.replace('+', " ");
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
+impl Server {
+    async fn serve(self, listener: tokio::net::TcpListener) {
+        // Connections live in this set: aborting this task drops them all.
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    self.connections.fetch_add(1, Ordering::SeqCst);
+                    let server = self.clone();
+                    conns.spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| {
+                            let server = server.clone();
+                            async move { Ok::<_, Infallible>(server.handle(req).await) }
+                        });
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-impl Handles {
-    fn claims(&self, sub: &str, ttl: i64) -> Value {
-        let n = now();
-        json!({
-            "iss": self.issuer, "sub": sub, "aud": AUDIENCE, "exp": n + ttl, "iat": n,
-            "scope": "orders:read orders:write", "jti": format!("jti-{}", self.counter.fetch_add(1, Ordering::SeqCst)),
-        })
     }
 
-    /// An access token of the session `family`: with its `sid` when ID tokens are on.
-    fn mint_access(&self, family: usize) -> (String, i64) {
-        let (kid, ttl, sub, sid, opaque) = {
-            let g = self.inner.lock().unwrap();
-            let f = &g.families[family];
-            (
-                g.signing_kid.clone(),
-                g.access_ttl,
-                f.sub.clone(),
-                g.id_tokens.then(|| f.sid.clone()),
-                g.opaque.clone(),
-            )
-        };
-        let mut claims = self.claims(&sub, ttl);
-        if let Some(sid) = sid {
-            claims["sid"] = json!(sid);
-        }
-        if let Some(hook) = opaque {
-            let token = super::introspect::opaque_token();
-            hook(&token, &claims);
-            return (token, ttl);
-        }
-        (sign(&kid, &claims), ttl)
-    }
-
-    /// The session's ID token (OpenID Connect Core §2), when ID tokens are on.
-    fn mint_id_token(&self, family: usize) -> Option<String> {
-        let (kid, sub, sid) = {
-            let g = self.inner.lock().unwrap();
-            if !g.id_tokens {
-                return None;
-            }
-            let f = &g.families[family];
-            (g.signing_kid.clone(), f.sub.clone(), f.sid.clone())
-        };
-        let n = now();
-        let token = sign(
-            &kid,
-            &json!({"iss": self.issuer, "sub": sub, "aud": CLIENT_ID, "exp": n + 300, "iat": n, "sid": sid}),
-        );
-        self.inner.lock().unwrap().issued_id_tokens.push(token.clone());
-        Some(token)
-    }
-
-    fn new_refresh(&self, family: usize) -> String {
-        let rt = format!("rt-{}-{}", family, self.counter.fetch_add(1, Ordering::SeqCst));
-        self.inner.lock().unwrap().refresh.insert(rt.clone(), RefreshState { family, used: false });
-        rt
-    }
-
-    /// A login: (access token, refresh token, ID token when they are on).
-    fn new_session(&self, sub: &str) -> (String, String, Option<String>) {
-        let family = {
-            let mut g = self.inner.lock().unwrap();
-            let sid = format!("sid-{}", self.counter.fetch_add(1, Ordering::SeqCst));
-            g.families.push(Family { sub: sub.to_owned(), sid, revoked: false });
-            g.families.len() - 1
-        };
-        let (at, _) = self.mint_access(family);
-        (at, self.new_refresh(family), self.mint_id_token(family))
-    }
-
-    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    /// What only tests need, around the provider's own answers.
+    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or("").to_owned();
         let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         match path.as_str() {
-            "/jwks.json" => {
-                self.jwks_fetches.fetch_add(1, Ordering::SeqCst);
-                let (keys, cc, answer) = {
-                    let g = self.inner.lock().unwrap();
-                    (g.keys.clone(), g.jwks_cache_control.clone(), g.jwks_answer)
+            "/jwks.json" => return self.jwks(),
+            "/login" => return self.password_login(&body),
+            "/token" => {
+                self.token_calls.fetch_add(1, Ordering::SeqCst);
+                let outage = {
+                    let mut g = self.inner.lock().unwrap();
+                    g.last_token_form = parse_form(&body);
+                    g.last_token_auth = auth.clone();
+                    g.outage
                 };
-                let (status, body) = match answer {
-                    JwksAnswer::Keys => (StatusCode::OK, jwks(&keys).to_string()),
-                    JwksAnswer::Unavailable => {
-                        (StatusCode::SERVICE_UNAVAILABLE, "{\"error\":\"down\"}".into())
+                match outage {
+                    Outage::ServerError => {
+                        return json_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &json!({"error": "temporarily_unavailable"}),
+                        )
                     }
-                    JwksAnswer::ServerError => {
-                        (StatusCode::INTERNAL_SERVER_ERROR, "<html>oops</html>".into())
-                    }
-                    JwksAnswer::Garbage => (StatusCode::OK, "this is not a JWKS {".into()),
-                    JwksAnswer::NoKeys => (StatusCode::OK, "{\"keys\":[]}".into()),
-                };
-                let mut r = Response::new(Full::new(Bytes::from(body)));
-                *r.status_mut() = status;
-                r.headers_mut().insert("content-type", "application/json".parse().unwrap());
-                if let Some(cc) = cc {
-                    r.headers_mut().insert("cache-control", cc.parse().unwrap());
+                    Outage::Slow(d) => tokio::time::sleep(d).await,
+                    Outage::None => {}
                 }
-                r
             }
-            "/.well-known/openid-configuration" => {
-                let mut doc = json!({
-                    "issuer": self.issuer,
-                    "jwks_uri": format!("{}/jwks.json", self.issuer),
-                    "token_endpoint": format!("{}/token", self.issuer),
-                    "authorization_endpoint": format!("{}/authorize", self.issuer),
-                    "revocation_endpoint": format!("{}/revoke", self.issuer),
-                });
-                if self.inner.lock().unwrap().end_session {
-                    doc["end_session_endpoint"] = json!(format!("{}/logout", self.issuer));
-                    doc["backchannel_logout_supported"] = json!(true);
-                    doc["backchannel_logout_session_supported"] = json!(true);
-                }
-                json_resp(StatusCode::OK, &doc)
+            "/revoke" => {
+                self.revocations.fetch_add(1, Ordering::SeqCst);
             }
             "/logout" => {
-                // RP-initiated logout 1.0 §2-§3: back to post_logout_redirect_uri when given.
-                let q = form_urlencoded(&query);
-                let back = q.get("post_logout_redirect_uri").cloned();
-                self.inner.lock().unwrap().end_session_requests.push(q);
-                match back {
-                    Some(uri) => {
-                        let mut r = Response::new(Full::new(Bytes::new()));
-                        *r.status_mut() = StatusCode::FOUND;
-                        r.headers_mut().insert("location", uri.parse().unwrap());
-                        r
-                    }
-                    None => json_resp(StatusCode::OK, &json!({"logged_out": true})),
-                }
+                self.inner.lock().unwrap().end_session_requests.push(parse_form(query.as_bytes()));
             }
-            "/token" => self.token(parse_form(&body), auth).await,
-            "/revoke" => {
-                let form = parse_form(&body);
-                let mut g = self.inner.lock().unwrap();
-                if let Some(t) = form.get("token") {
-                    if let Some(fam) = g.refresh.get(t).map(|r| r.family) {
-                        g.families[fam].revoked = true;
-                    }
-                }
-                self.revocations.fetch_add(1, Ordering::SeqCst);
-                json_resp(StatusCode::OK, &json!({}))
-            }
-            "/authorize" => {
-                let q = form_urlencoded(&query);
-                let code = format!("code-{}", self.counter.fetch_add(1, Ordering::SeqCst));
-                let challenge = q.get("code_challenge").cloned().unwrap_or_default();
-                self.inner.lock().unwrap().codes.insert(code.clone(), ("alice".into(), challenge));
-                let redirect = q.get("redirect_uri").cloned().unwrap_or_default();
-                let state = q.get("state").cloned().unwrap_or_default();
-                let loc = format!("{redirect}?code={code}&state={state}&iss={}", self.issuer);
-                let mut r = Response::new(Full::new(Bytes::new()));
-                *r.status_mut() = StatusCode::FOUND;
-                r.headers_mut().insert("location", loc.parse().unwrap());
-                r
-            }
-            "/login" => {
-                self.login_calls.fetch_add(1, Ordering::SeqCst);
-                let creds: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                if creds["password"] != "correct horse" {
-                    return json_resp(StatusCode::UNAUTHORIZED, &json!({"error": "bad credentials"}));
-                }
-                let user = creds["username"].as_str().unwrap_or("alice").to_owned();
-                let (at, rt, id_token) = self.new_session(&user);
-                let ttl = self.inner.lock().unwrap().access_ttl;
-                let mut answer = json!({"access_token": at, "refresh_token": rt, "expires_in": ttl, "user": {"name": user}});
-                if let Some(id) = id_token {
-                    answer["id_token"] = json!(id);
-                }
-                json_resp(StatusCode::OK, &answer)
-            }
-            _ => json_resp(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
+            _ => {}
         }
+        self.core.answer(&method, &path, &query, auth.as_deref(), &body).await
     }
 
-    async fn token(&self, form: HashMap<String, String>, auth: Option<String>) -> Response<Full<Bytes>> {
-        self.token_calls.fetch_add(1, Ordering::SeqCst);
-        let outage = {
-            let mut g = self.inner.lock().unwrap();
-            g.last_token_form = form.clone();
-            g.last_token_auth = auth.clone();
-            g.outage
+    fn jwks(&self) -> Response<Body> {
+        self.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+        let (keys, cc, answer) = {
+            let g = self.inner.lock().unwrap();
+            (g.keys.clone(), g.jwks_cache_control.clone(), g.jwks_answer)
         };
-        match outage {
-            Outage::ServerError => {
-                return json_resp(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({"error": "temporarily_unavailable"}),
-                )
-            }
-            Outage::Slow(d) => tokio::time::sleep(d).await,
-            Outage::None => {}
+        let (status, body) = match answer {
+            JwksAnswer::Keys => (StatusCode::OK, jwks(&keys).to_string()),
+            JwksAnswer::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "{\"error\":\"down\"}".into()),
+            JwksAnswer::ServerError => (StatusCode::INTERNAL_SERVER_ERROR, "<html>oops</html>".into()),
+            JwksAnswer::Garbage => (StatusCode::OK, "this is not a JWKS {".into()),
+            JwksAnswer::NoKeys => (StatusCode::OK, "{\"keys\":[]}".into()),
+        };
+        let mut r = Response::new(full(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        if let Some(cc) = cc {
+            r.headers_mut().insert("cache-control", cc.parse().unwrap());
         }
-        match form.get("grant_type").map(String::as_str) {
-            Some("refresh_token") => {
-                let Some(rt) = form.get("refresh_token") else { return oauth_error("invalid_request") };
-                let (family, rotate) = {
-                    let mut g = self.inner.lock().unwrap();
-                    let Some(state) = g.refresh.get(rt).cloned() else { return oauth_error("invalid_grant") };
-                    if g.families[state.family].revoked {
-                        return oauth_error("invalid_grant");
-                    }
-                    let rotate = g.rotate;
-                    if state.used {
-                        // Reuse of a rotated token: treat as theft, end the whole session.
-                        g.families[state.family].revoked = true;
-                        return oauth_error("invalid_grant");
-                    }
-                    if rotate {
-                        g.refresh.get_mut(rt).unwrap().used = true;
-                    }
-                    (state.family, rotate)
-                };
-                let (at, ttl) = self.mint_access(family);
-                let mut body = json!({"access_token": at, "token_type": "Bearer", "expires_in": ttl});
-                if rotate {
-                    body["refresh_token"] = json!(self.new_refresh(family));
-                }
-                json_resp(StatusCode::OK, &body)
-            }
-            Some("authorization_code") => {
-                let code = form.get("code").cloned().unwrap_or_default();
-                let Some((sub, challenge)) = self.inner.lock().unwrap().codes.remove(&code) else {
-                    return oauth_error("invalid_grant");
-                };
-                let verifier = form.get("code_verifier").cloned().unwrap_or_default();
-                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes());
-                if b64(digest.as_ref()) != challenge {
-                    return oauth_error("invalid_grant");
-                }
-                let (at, rt, id_token) = self.new_session(&sub);
-                let ttl = self.inner.lock().unwrap().access_ttl;
-                let mut answer = json!({"access_token": at, "refresh_token": rt, "token_type": "Bearer", "expires_in": ttl});
-                if let Some(id) = id_token {
-                    answer["id_token"] = json!(id);
-                }
-                json_resp(StatusCode::OK, &answer)
-            }
-            _ => oauth_error("unsupported_grant_type"),
+        r
+    }
+
+    /// The login endpoint `passthrough` calls: JSON credentials in, tokens out.
+    fn password_login(&self, body: &[u8]) -> Response<Body> {
+        self.login_calls.fetch_add(1, Ordering::SeqCst);
+        let creds: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if creds["password"] != "correct horse" {
+            return json_response(StatusCode::UNAUTHORIZED, &json!({"error": "bad credentials"}));
         }
+        let user = creds["username"].as_str().unwrap_or("alice").to_owned();
+        let t = self.core.start_session(&user);
+        let mut answer = json!({
+            "access_token": t.access, "refresh_token": t.refresh, "expires_in": t.expires_in,
+            "user": {"name": user},
+        });
+        if let Some(id) = t.id_token {
+            answer["id_token"] = json!(id);
+        }
+        json_response(StatusCode::OK, &answer)
     }
 }

@@ -18,8 +18,8 @@
 //!   ([`Instance`], [`wait_ready`], [`revoke`]);
 //! - [`client`]: requests and whole answers, raw TCP exchanges;
 //! - [`upstream`]: the echo upstream, misbehaving upstreams, streamed bodies;
-//! - [`idp`]: the test authorization server (JWKS, token minting, rotating refresh
-//!   tokens, outages) and the fixture keys;
+//! - [`idp`]: the test authorization server (the demo's identity provider on the
+//!   fixture keys, with JWKS failures, outages and a record of each call) and the keys;
 //! - [`introspect`]: the test RFC 7662 introspection endpoint (answers from a table
 //!   changed at runtime, outages on demand, every call recorded);
 //! - [`collector`]: a test OTLP/HTTP trace receiver (protobuf, every span and raw byte kept);
