@@ -395,3 +395,24 @@ async fn a_client_ignoring_max_age_is_refused_past_absolute_timeout_while_its_ac
         "ending a session past its deadline asks the authorization server nothing"
     );
 }
+
+#[tokio::test]
+async fn a_wrong_client_secret_is_refused_by_the_provider_and_keeps_the_session() {
+    let idp = TestIdp::start().await;
+    let up = Upstream::start().await;
+    let o = Opts::default();
+    let mut env = env_with_keys(&o.keys);
+    env.insert("CLIENT_SECRET".into(), "not-the-secret".into());
+    let proxy = Proxy::start_with(&config(&idp, &up, &o), &env, std::path::Path::new(".")).await;
+    wait_ready(&proxy).await;
+    idp.set_access_ttl(-120);
+    let (_, jar) = login(&proxy, "alice").await;
+
+    // 401 invalid_client is the proxy's misconfiguration, not the user's: 503, cookies kept.
+    let r = api(&proxy, &jar).await;
+    r.assert_error(503, "auth_server_unavailable");
+    assert!(set_cookies(&r).is_empty(), "{:?}", set_cookies(&r));
+    assert_eq!(token_calls(&idp), 1);
+    assert_eq!(refreshes(&proxy, "auth_server_error").await, 1);
+    assert!(!idp.family_revoked(&last_refresh_token(&idp)));
+}
