@@ -22,6 +22,10 @@ pub enum Revocation {
         issued_before: i64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exp: Option<i64>,
+        /// Sent by a back-channel logout, not an administrator: only names why
+        /// open tunnels close.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        logout: bool,
     },
     /// The provider's session `sid` (back-channel logout): sessions established
     /// before the time, and access tokens carrying that `sid` issued before it.
@@ -163,6 +167,7 @@ impl Revocations {
             sub: e.key().clone(),
             issued_before: e.value().0,
             exp: Some(e.value().1),
+            logout: false,
         }));
         out.extend(self.by_sid.iter().map(|e| Revocation::Sid {
             sid: e.key().clone(),
@@ -192,7 +197,7 @@ mod tests {
     fn jti_and_sub() {
         let r = Revocations::default();
         r.insert(&Revocation::Jti { jti: "a".into(), exp: 100 });
-        r.insert(&Revocation::Sub { sub: "alice".into(), issued_before: 50, exp: None });
+        r.insert(&Revocation::Sub { sub: "alice".into(), issued_before: 50, exp: None, logout: false });
         assert!(r.is_revoked(Some("a"), None, None));
         assert!(!r.is_revoked(Some("b"), None, None));
         assert!(r.is_revoked(None, Some("alice"), Some(49)));
@@ -210,7 +215,8 @@ mod tests {
     fn only_entries_that_deny_more_reach_the_tunnels() {
         let r = Revocations::default();
         let mut heard = r.subscribe();
-        let sub = |before| Revocation::Sub { sub: "alice".into(), issued_before: before, exp: None };
+        let sub =
+            |before| Revocation::Sub { sub: "alice".into(), issued_before: before, exp: None, logout: false };
         for entry in [Revocation::Jti { jti: "a".into(), exp: 100 }, sub(50), sub(60)] {
             r.insert(&entry);
             assert_eq!(heard.try_recv().ok(), Some(entry));
@@ -227,7 +233,7 @@ mod tests {
         let j: Revocation = serde_json::from_str(r#"{"jti":"x","exp":5}"#).unwrap();
         assert_eq!(j, Revocation::Jti { jti: "x".into(), exp: 5 });
         let s: Revocation = serde_json::from_str(r#"{"sub":"u","issued_before":7}"#).unwrap();
-        assert_eq!(s, Revocation::Sub { sub: "u".into(), issued_before: 7, exp: None });
+        assert_eq!(s, Revocation::Sub { sub: "u".into(), issued_before: 7, exp: None, logout: false });
         assert!(serde_json::from_str::<Revocation>(r#"{"jti":"x"}"#).is_err());
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! - a revocation matching the token (`jti`, or `sub` issued before), posted to
 //!   this instance or arriving from the fleet (`revoked`);
-//! - a logout of the session, local or back-channel (`logout`);
+//! - a logout of the session, local or back-channel by `sid` or `sub` (`logout`);
 //! - the session passing `absolute_timeout` (`session_expired`);
 //! - the route's `max_tunnel_lifetime` (`lifetime`).
 //!
@@ -56,11 +56,11 @@ impl Opener {
         let before = |t: Option<i64>, cut: i64| t.is_none_or(|t| t < cut);
         match entry {
             Revocation::Jti { jti, .. } => (self.jti.as_deref() == Some(jti)).then_some("revoked"),
-            Revocation::Sub { sub, issued_before, .. } => {
+            Revocation::Sub { sub, issued_before, logout, .. } => {
                 let token = self.sub.as_deref() == Some(sub) && before(self.iat, *issued_before);
                 let session = self.session.as_ref().is_some_and(|s| s.sub.as_deref() == Some(sub))
                     && before(login, *issued_before);
-                (token || session).then_some("revoked")
+                (token || session).then_some(if *logout { "logout" } else { "revoked" })
             }
             Revocation::Sid { sid, issued_before, .. } => {
                 let token = self.sid.as_deref() == Some(sid) && before(self.iat, *issued_before);

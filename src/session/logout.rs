@@ -193,7 +193,7 @@ pub async fn backchannel(
     let before = logout.iat.saturating_add(1);
     let entry = match (&logout.sid, &logout.sub) {
         (Some(sid), _) => Revocation::Sid { sid: sid.clone(), issued_before: before, exp },
-        (None, Some(sub)) => Revocation::Sub { sub: sub.clone(), issued_before: before, exp },
+        (None, Some(sub)) => Revocation::Sub { sub: sub.clone(), issued_before: before, exp, logout: true },
         (None, None) => return Err(refused("missing_sub_and_sid", "neither sub nor sid")),
     };
     cx.fleet.revoke(&entry).await;

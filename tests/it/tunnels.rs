@@ -294,6 +294,8 @@ async fn a_backchannel_logout_closes_the_tunnels_of_the_sessions_it_ends() {
     assert_closed(&mut second, "alice's last tunnel after her logout by sub").await;
     up.wait_websockets(1, CLOSES_WITHIN).await;
     bob.assert_echoes("bob's tunnel").await;
+    assert_eq!(closed(&proxy, "logout").await, 2.0, "a logout by sub is counted as a logout");
+    assert_eq!(closed(&proxy, "revoked").await, 0.0);
 }
 
 #[tokio::test]
