@@ -383,3 +383,47 @@ async fn server_sent_events_from_an_http1_upstream_pass_through_event_by_event()
         assert!(rest.body.is_empty(), "{client}: nothing after the last event: {:?}", rest.body);
     }
 }
+
+#[tokio::test]
+async fn a_call_before_the_issuers_keys_load_is_unavailable_with_keys_unavailable() {
+    let idp = TestIdp::start().await;
+    let up = GrpcUpstream::start().await;
+    let dark = Refused::reserve();
+    let ca = TestCa::new();
+    let dir = TempDir::new();
+    let (cert, key) = ca.issue(&[SNI]).write_to(&dir, "proxy");
+    let toml = format!(
+        r#"
+[listen]
+http = "127.0.0.1:0"
+https = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[[issuers]]
+name = "main"
+issuer = "{issuer}"
+jwks_url = "{dark}/jwks.json"
+
+[[routes]]
+name = "probe"
+path_prefix = "/{PROBE}"
+upstream = "{up}"
+upstream_protocol = "h2"
+issuer = "main"
+"#,
+        issuer = idp.issuer(),
+        dark = dark.url(),
+        up = up.url(),
+    );
+    let proxy = Proxy::start(&toml).await;
+    let mut c = GrpcClient::connect(proxy.https_addr(), SNI, &ca).await;
+    let token = idp.access_token("alice", 300);
+    let result = c.who(PROBE, with_bearer(Request::new(WhoRequest::default()), &token)).await;
+    // The client should retry: UNAVAILABLE, not UNAUTHENTICATED (the token may be fine).
+    assert_refused(result, Code::Unavailable, "keys_unavailable");
+    assert_eq!(up.connections(), 0);
+}
