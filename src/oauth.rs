@@ -239,12 +239,17 @@ impl OAuthClient {
     pub async fn revoke(&self, refresh_token: &str) -> Result<(), GrantError> {
         let Some(url) = self.settings.endpoints.load().revocation.clone() else { return Ok(()) };
         let form = [("token", refresh_token), ("token_type_hint", "refresh_token")];
-        let (status, _) = self.post(url, &form).await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(GrantError::Status { status, error: None })
+        let span = crate::trace::Child::start("revocation");
+        let result = match self.post(url, &form).await {
+            Ok((status, _)) if status.is_success() => Ok(()),
+            Ok((status, _)) => Err(GrantError::Status { status, error: None }),
+            Err(e) => Err(e),
+        };
+        if let Some(span) = span {
+            let outcome = if result.is_ok() { "ok" } else { "auth_server_error" };
+            span.end(result.is_err(), vec![crate::trace::Attr::Str("portcullis.outcome", outcome)]);
         }
+        result
     }
 
     /// Login passthrough: POSTs the client's body to `url` and returns the answer whole.
@@ -260,7 +265,21 @@ impl OAuthClient {
             req = req.header(header::CONTENT_TYPE, ct);
         }
         let req = req.body(Full::new(body)).map_err(GrantError::Build)?;
-        self.exchange(req).await
+        let span = crate::trace::Child::start("login");
+        let result = self.exchange(req).await;
+        if let Some(span) = span {
+            // The server's refusal of bad credentials is an answer, not a failure.
+            let outcome = match &result {
+                Ok((status, ..)) if status.is_success() => "ok",
+                Ok((status, ..)) if status.is_client_error() => "refused",
+                _ => "auth_server_error",
+            };
+            span.end(
+                outcome == "auth_server_error",
+                vec![crate::trace::Attr::Str("portcullis.outcome", outcome)],
+            );
+        }
+        result
     }
 
     async fn token_request(&self, form: &[(&str, &str)]) -> Result<Tokens, GrantError> {

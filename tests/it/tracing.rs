@@ -186,6 +186,47 @@ async fn a_transparent_refresh_is_a_child_span_and_no_secret_is_exported() {
 }
 
 #[tokio::test]
+async fn a_passthrough_login_and_the_logouts_revocation_are_child_spans() {
+    let collector = Collector::start().await;
+    let o = Opts { routes: tracing_table(&collector.url(), 1.0), ..Opts::default() };
+    let (idp, _up, proxy) = session::setup(&o).await;
+    const LOGIN_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    const LOGOUT_TRACE: &str = "1bf7651916cd43dd8448eb211c80319d";
+    let tp = |trace: &str| format!("00-{trace}-{CLIENT_SPAN}-01");
+
+    let r = post(proxy.url("/auth/login"), session::login_body("alice", session::PASSWORD))
+        .header("content-type", "application/json")
+        .header("origin", session::own_origin(&proxy))
+        .header("traceparent", tp(LOGIN_TRACE))
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let jar = session::Jar::default().after(&r);
+    let server = collector.wait_for("the login's server span", server_span_of(LOGIN_TRACE)).await;
+    let login = collector
+        .wait_for("the login call's span", |s| hex(&s.trace_id) == LOGIN_TRACE && s.name == "login")
+        .await;
+    assert_eq!(login.parent_span_id, server.span_id);
+    assert_eq!(login.kind, CLIENT);
+    assert_eq!(attr(&login, "portcullis.outcome").as_deref(), Some("ok"));
+
+    let r = jar
+        .on(post(proxy.url("/auth/logout"), ""))
+        .header("origin", session::own_origin(&proxy))
+        .header("traceparent", tp(LOGOUT_TRACE))
+        .send()
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(session::revoke_calls(&idp), 1);
+    let server = collector.wait_for("the logout's server span", server_span_of(LOGOUT_TRACE)).await;
+    let revocation = collector
+        .wait_for("the revocation's span", |s| hex(&s.trace_id) == LOGOUT_TRACE && s.name == "revocation")
+        .await;
+    assert_eq!(revocation.parent_span_id, server.span_id);
+    assert_eq!(attr(&revocation, "portcullis.outcome").as_deref(), Some("ok"));
+}
+
+#[tokio::test]
 async fn an_unknown_kid_refetch_is_a_child_span() {
     let collector = Collector::start().await;
     let idp = TestIdp::start().await;
