@@ -35,16 +35,10 @@ struct Site {
 /// `probe:admin`, which the IdP's tokens lack), `portcullis.test.Down` (an upstream
 /// that refuses connections), `portcullis.test.Secure` (an https upstream), `portcullis.test.Small` (`max_request_body = "1KB"`),
 /// all over HTTP/2; `/feed` to an HTTP/1.1 echo.
-async fn site() -> Site {
-    let idp = TestIdp::start().await;
-    let up = GrpcUpstream::start().await;
-    let echo = Upstream::start().await;
-    let down = Refused::reserve();
-    let ca = TestCa::new();
-    let dir = TempDir::new();
-    let (cert, key) = ca.issue(&[SNI]).write_to(&dir, "proxy");
-    let secure = GrpcUpstream::start_tls(&ca.issue(&["127.0.0.1"])).await;
-    let listen = format!(
+/// `[listen]` on http, https and admin, with a certificate for [`SNI`] from `ca`.
+fn tls_listen(ca: &TestCa, dir: &TempDir) -> String {
+    let (cert, key) = ca.issue(&[SNI]).write_to(dir, "proxy");
+    format!(
         r#"
 [listen]
 http = "127.0.0.1:0"
@@ -55,7 +49,18 @@ admin = "127.0.0.1:0"
 cert = "{cert}"
 key = "{key}"
 "#
-    );
+    )
+}
+
+async fn site() -> Site {
+    let idp = TestIdp::start().await;
+    let up = GrpcUpstream::start().await;
+    let echo = Upstream::start().await;
+    let down = Refused::reserve();
+    let ca = TestCa::new();
+    let dir = TempDir::new();
+    let listen = tls_listen(&ca, &dir);
+    let secure = GrpcUpstream::start_tls(&ca.issue(&["127.0.0.1"])).await;
     let routes = format!(
         r#"
 [[routes]]
@@ -391,18 +396,8 @@ async fn a_call_before_the_issuers_keys_load_is_unavailable_with_keys_unavailabl
     let dark = Refused::reserve();
     let ca = TestCa::new();
     let dir = TempDir::new();
-    let (cert, key) = ca.issue(&[SNI]).write_to(&dir, "proxy");
     let toml = format!(
-        r#"
-[listen]
-http = "127.0.0.1:0"
-https = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[tls]
-cert = "{cert}"
-key = "{key}"
-
+        r#"{listen}
 [[issuers]]
 name = "main"
 issuer = "{issuer}"
@@ -415,6 +410,7 @@ upstream = "{up}"
 upstream_protocol = "h2"
 issuer = "main"
 "#,
+        listen = tls_listen(&ca, &dir),
         issuer = idp.issuer(),
         dark = dark.url(),
         up = up.url(),
