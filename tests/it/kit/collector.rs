@@ -3,15 +3,12 @@
 //! `opentelemetry-proto` message types. It keeps every request's raw bytes (for
 //! secret scans) and every span it decoded.
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -43,20 +40,9 @@ impl Collector {
         let addr = listener.local_addr().expect("collector address");
         let seen = Arc::new(Mutex::new(Seen::default()));
         let st = seen.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(receive(req, &st).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = super::serve::http1(listener, move |req| {
+            let st = st.clone();
+            async move { receive(req, &st).await }
         });
         Self { addr, seen, task }
     }

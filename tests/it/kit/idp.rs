@@ -13,7 +13,6 @@
 //! and the attacker's server that must never be contacted ([`TestIdp::connections`]).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +22,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use portcullis::body::{full, json_response, Body};
 use portcullis::demo::idp::{self as core, Idp, Kind, Login, Signer};
@@ -258,7 +256,7 @@ impl TestIdp {
             revocations: server.revocations.clone(),
             login_calls: server.login_calls.clone(),
             connections: server.connections.clone(),
-            task: tokio::spawn(server.serve(listener)),
+            task: server.serve(listener),
         }
     }
 
@@ -421,28 +419,16 @@ pub fn parse_form(body: &[u8]) -> HashMap<String, String> {
 }
 
 impl Server {
-    async fn serve(self, listener: tokio::net::TcpListener) {
-        // Connections live in this set: aborting this task drops them all.
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
-                    self.connections.fetch_add(1, Ordering::SeqCst);
-                    let server = self.clone();
-                    conns.spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| {
-                            let server = server.clone();
-                            async move { Ok::<_, Infallible>(server.handle(req).await) }
-                        });
-                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
-                    });
-                }
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
+    fn serve(self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        let connections = self.connections.clone();
+        super::serve::accept_loop(listener, move |stream| {
+            connections.fetch_add(1, Ordering::SeqCst);
+            let server = self.clone();
+            super::serve::auto_conn(stream, move |req| {
+                let server = server.clone();
+                async move { server.handle(req).await }
+            })
+        })
     }
 
     /// What only tests need, around the provider's own answers.

@@ -133,26 +133,16 @@ impl IntrospectionServer {
             open: watch::channel(true).0,
         };
         let server = shared.clone();
-        let task = tokio::spawn(async move {
-            // Connections live in this set: aborting this task drops them all.
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        let server = server.clone();
-                        conns.spawn(async move {
-                            let svc = hyper::service::service_fn(move |req| {
-                                let server = server.clone();
-                                async move { server.handle(req).await }
-                            });
-                            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
+        let task = super::serve::accept_loop(listener, move |stream| {
+            let server = server.clone();
+            async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let server = server.clone();
+                    async move { server.handle(req).await }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             }
         });
         Self { addr, shared, task }

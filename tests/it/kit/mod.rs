@@ -30,6 +30,7 @@
 //! - [`websocket`]: a WebSocket client through the proxy, and the end of its tunnel;
 //! - [`grpc`]: a gRPC upstream and a gRPC client, tonic on both ends;
 //! - `redis`: a throwaway `redis-server`;
+//! - [`serve`]: the one accept loop of the kit's servers;
 //! - [`haproxy`]: a real HAProxy on `examples/rollout/haproxy.cfg`, and its stats.
 
 pub mod client;
@@ -43,6 +44,7 @@ pub mod metrics;
 pub mod proxy;
 // Not `pub`: a glob import of the kit must not shadow the `redis` crate.
 mod redis;
+pub mod serve;
 pub mod session;
 pub mod tls;
 pub mod upstream;
