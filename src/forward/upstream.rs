@@ -1,8 +1,11 @@
 //! One route's upstreams (round-robin) and the keep-alive connections to them.
 //!
 //! Each upstream keeps a pool of idle HTTP/1.1 connections (hyper's
-//! connection-level client: one spawned task per connection, a `SendRequest`
-//! handle to it). The pool is sharded by worker thread, so a worker takes and
+//! connection-level client). A connection has no task of its own: the request
+//! using it polls it, while waiting for the response and then from the response
+//! body, so an exchange costs no task wake-ups beyond the client connection's;
+//! an idle one is polled once when taken, to learn whether the upstream closed
+//! it. The pool is sharded by worker thread, so a worker takes and
 //! returns connections without contention. A connection goes back to the pool
 //! when its response body has been read to the end; a body abandoned half-way,
 //! an upgrade or an error closes it. A request that a pooled connection refused
@@ -15,6 +18,7 @@
 //! share a handful of upstream ones.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +42,9 @@ use crate::body::Body;
 
 /// An idle connection is closed after this long unused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The oldest idle connection is checked for a close by the upstream (at most
+/// this often) when another one joins the pool.
+const SWEEP_AFTER: Duration = Duration::from_secs(2);
 /// Idle connections kept per upstream and worker; more are closed.
 const MAX_IDLE: usize = 256;
 
@@ -70,9 +77,64 @@ impl UpstreamError {
     }
 }
 
-struct Idle {
+/// A connection's own future: reads and writes its socket when polled.
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send + Sync>>;
+
+/// An HTTP/1.1 connection: the handle requests go on, and the connection
+/// itself, polled by whichever request uses it.
+struct Link {
     sender: SendRequest<Body>,
+    /// `None` once the connection has ended.
+    driver: Option<Driver>,
+}
+
+impl Link {
+    /// Lets the connection make progress; whether it is still open.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(d) = &mut self.driver {
+            if d.as_mut().poll(cx).is_ready() {
+                // Dropping the ended connection fails what still waits on it.
+                self.driver = None;
+            }
+        }
+        self.driver.is_some()
+    }
+
+    /// Whether an idle connection can take a request: polled once, with no task
+    /// to wake, so it reads a close from the upstream and is ready for the next.
+    fn usable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(std::task::Waker::noop())) && !self.sender.is_closed()
+    }
+
+    /// Drives the connection until `exchange` (a request sent on it) is answered.
+    async fn exchange<F: Future>(&mut self, exchange: F) -> F::Output {
+        let mut exchange = std::pin::pin!(exchange);
+        std::future::poll_fn(|cx| {
+            // The connection first: what it reads may answer the exchange now.
+            self.drive(cx);
+            exchange.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// An upgraded connection (or one whose body was abandoned) is left to run
+    /// on its own: the upgrade completes there and hands the socket to the tunnel.
+    fn detach(self) {
+        if let Some(d) = self.driver {
+            tokio::spawn(async move {
+                if let Err(e) = d.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+struct Idle {
+    link: Link,
     since: Instant,
+    /// When the sweep last found it open.
+    checked: Instant,
 }
 
 /// Idle connections of one upstream, one shard per worker.
@@ -106,27 +168,38 @@ impl Pool {
         &self.shards[i]
     }
 
-    fn take(&self) -> Option<SendRequest<Body>> {
+    fn take(&self) -> Option<Link> {
         let mut idle = self.shard().lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(i) = idle.pop_back() {
-            if !i.sender.is_closed() && i.since.elapsed() < IDLE_TIMEOUT {
-                return Some(i.sender);
+        while let Some(mut i) = idle.pop_back() {
+            if i.since.elapsed() < IDLE_TIMEOUT && i.link.usable() {
+                return Some(i.link);
             }
         }
         None
     }
 
-    fn put(&self, sender: SendRequest<Body>) {
-        if sender.is_closed() {
+    fn put(&self, link: Link) {
+        if link.driver.is_none() || link.sender.is_closed() {
             return;
         }
         let mut idle = self.shard().lock().unwrap_or_else(|p| p.into_inner());
-        // The oldest are at the front: drop the expired ones on the way.
-        while idle.front().is_some_and(|i| i.since.elapsed() >= IDLE_TIMEOUT || i.sender.is_closed()) {
-            idle.pop_front();
+        // The oldest are at the front: drop the expired ones on the way, and
+        // those the upstream closed (no task watches an idle connection).
+        let now = Instant::now();
+        while let Some(front) = idle.front_mut() {
+            if now.duration_since(front.since) >= IDLE_TIMEOUT {
+                idle.pop_front();
+            } else if now.duration_since(front.checked) < SWEEP_AFTER {
+                break;
+            } else if front.link.usable() {
+                front.checked = now;
+                break;
+            } else {
+                idle.pop_front();
+            }
         }
         if idle.len() < MAX_IDLE {
-            idle.push_back(Idle { sender, since: Instant::now() });
+            idle.push_back(Idle { link, since: now, checked: now });
         }
     }
 }
@@ -191,7 +264,7 @@ impl Backend {
         &self.host
     }
 
-    async fn connect(&self) -> Result<SendRequest<Body>, UpstreamError> {
+    async fn connect(&self) -> Result<Link, UpstreamError> {
         match self.tls_stream().await? {
             Stream::Plain(tcp) => handshake(tcp).await,
             Stream::Tls(tls) => handshake(tls).await,
@@ -232,7 +305,7 @@ impl Backend {
         let mut req = self.h2_request(req);
         if let Some(mut sender) = slot.live() {
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|inner| PooledBody { inner, give_back: None })),
+                Ok(resp) => return Ok(resp.map(|inner| PooledBody { inner, link: None })),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(UpstreamError::Exchange(e.into_error())),
@@ -277,7 +350,7 @@ impl Backend {
             }
         };
         let resp = sender.send_request(req).await.map_err(UpstreamError::Exchange)?;
-        Ok(resp.map(|inner| PooledBody { inner, give_back: None }))
+        Ok(resp.map(|inner| PooledBody { inner, link: None }))
     }
 
     /// HTTP/2 names the target in `:scheme` and `:authority`, not in `Host`.
@@ -303,9 +376,10 @@ impl Backend {
             return self.send_h2(shards, req).await;
         }
         let mut req = req;
-        if let Some(mut sender) = self.pool.take() {
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.pooled(resp, sender)),
+        if let Some(mut link) = self.pool.take() {
+            let sent = link.sender.try_send_request(req);
+            match link.exchange(sent).await {
+                Ok(resp) => return Ok(self.pooled(resp, link)),
                 Err(mut e) => match e.take_message() {
                     // Not sent: the connection had closed; a fresh one will do.
                     Some(unsent) => req = unsent,
@@ -313,16 +387,20 @@ impl Backend {
                 },
             }
         }
-        let mut sender = self.connect().await?;
-        let resp = sender.send_request(req).await.map_err(UpstreamError::Exchange)?;
-        Ok(self.pooled(resp, sender))
+        let mut link = self.connect().await?;
+        let sent = link.sender.send_request(req);
+        let resp = link.exchange(sent).await.map_err(UpstreamError::Exchange)?;
+        Ok(self.pooled(resp, link))
     }
 
-    fn pooled(&self, resp: Response<Incoming>, sender: SendRequest<Body>) -> Response<PooledBody> {
+    fn pooled(&self, resp: Response<Incoming>, link: Link) -> Response<PooledBody> {
         // An upgraded connection belongs to the tunnel now.
-        let keep = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
-        let give_back = keep.then(|| (sender, self.pool.clone()));
-        resp.map(|inner| PooledBody { inner, give_back })
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            link.detach();
+            return resp.map(|inner| PooledBody { inner, link: None });
+        }
+        let link = Some((link, self.pool.clone()));
+        resp.map(|inner| PooledBody { inner, link })
     }
 }
 
@@ -355,26 +433,22 @@ where
     Ok(sender)
 }
 
-async fn handshake<IO>(io: IO) -> Result<SendRequest<Body>, UpstreamError>
+async fn handshake<IO>(io: IO) -> Result<Link, UpstreamError>
 where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let (sender, conn) =
         http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(UpstreamError::Handshake)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
+    Ok(Link { sender, driver: Some(Box::pin(conn.with_upgrades())) })
 }
 
 pin_project_lite::pin_project! {
-    /// An upstream response body that returns its connection to the pool at its end.
+    /// An upstream response body that drives its HTTP/1.1 connection while it is
+    /// read, and returns the connection to the pool at its end.
     pub struct PooledBody {
         #[pin]
         inner: Incoming,
-        give_back: Option<(SendRequest<Body>, Arc<Pool>)>,
+        link: Option<(Link, Arc<Pool>)>,
     }
 
     impl PinnedDrop for PooledBody {
@@ -382,8 +456,8 @@ pin_project_lite::pin_project! {
             let this = this.project();
             // Read to the end (or had none): the connection can serve another request.
             if this.inner.is_end_stream() {
-                if let Some((sender, pool)) = this.give_back.take() {
-                    pool.put(sender);
+                if let Some((link, pool)) = this.link.take() {
+                    pool.put(link);
                 }
             }
         }
@@ -399,10 +473,13 @@ impl HttpBody for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.project();
+        if let Some((link, _)) = this.link.as_mut() {
+            link.drive(cx);
+        }
         let frame = this.inner.poll_frame(cx);
         if let Poll::Ready(None) = frame {
-            if let Some((sender, pool)) = this.give_back.take() {
-                pool.put(sender);
+            if let Some((link, pool)) = this.link.take() {
+                pool.put(link);
             }
         }
         frame

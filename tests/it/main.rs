@@ -47,3 +47,4 @@ mod shutdown;
 mod tls;
 mod tracing;
 mod tunnels;
+mod upstream_pool;
