@@ -18,7 +18,6 @@ use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::Full;
 use serde::Deserialize;
 
-use crate::body::BoxError;
 use crate::config::{AuthServerSettings, ClientAuth};
 
 pub use crate::outbound::{outbound_client, HttpsClient};
@@ -47,12 +46,8 @@ pub enum GrantError {
     NotDiscovered,
     #[error("cannot build the request")]
     Build(#[source] http::Error),
-    #[error("the request failed")]
-    Request(#[source] hyper_util::client::legacy::Error),
-    #[error("reading the answer failed")]
-    Body(#[source] BoxError),
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
+    #[error(transparent)]
+    Call(#[from] crate::outbound::CallError),
     #[error("the server answered {status} {}", .error.as_deref().unwrap_or(""))]
     Status { status: StatusCode, error: Option<String> },
     #[error("the token response holds no access_token")]
@@ -139,11 +134,7 @@ pub async fn exchange(
     timeout: Duration,
     max: usize,
 ) -> Result<(StatusCode, http::HeaderMap, Bytes), GrantError> {
-    crate::outbound::exchange(client, req, timeout, max).await.map_err(|e| match e {
-        crate::outbound::CallError::Request(e) => GrantError::Request(e),
-        crate::outbound::CallError::Body(e) => GrantError::Body(e),
-        crate::outbound::CallError::Timeout(d) => GrantError::Timeout(d),
-    })
+    Ok(crate::outbound::exchange(client, req, timeout, max).await?)
 }
 
 impl OAuthClient {

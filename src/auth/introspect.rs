@@ -167,9 +167,11 @@ impl Introspector {
                 shared
             }
         };
-        tokio::time::timeout(self.timeout + Duration::from_secs(1), call)
-            .await
-            .unwrap_or(Err(IntrospectError::Call(Arc::new(GrantError::Timeout(self.timeout)))))
+        tokio::time::timeout(self.timeout + Duration::from_secs(1), call).await.unwrap_or(Err(
+            IntrospectError::Call(Arc::new(GrantError::Call(crate::outbound::CallError::Timeout(
+                self.timeout,
+            )))),
+        ))
     }
 
     async fn call(&self, token: &str) -> Result<Answer, IntrospectError> {
