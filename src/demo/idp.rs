@@ -451,7 +451,9 @@ impl Idp {
     }
 
     fn allowed_redirect(&self, u: &str) -> bool {
-        self.opts.redirects.iter().any(|p| u.starts_with(p.as_str()))
+        // No userinfo: `http://127.0.0.1:80@evil.example/` starts like a local URL.
+        let authority = u.split(['/', '?', '#']).nth(2).unwrap_or("");
+        !authority.contains('@') && self.opts.redirects.iter().any(|p| u.starts_with(p.as_str()))
     }
 
     /// RFC 6749 §2.3.1: HTTP Basic (form-encoded id and secret) or the form's fields.
