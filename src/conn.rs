@@ -12,6 +12,10 @@ use tokio::time::Instant;
 #[allow(clippy::type_complexity)]
 pub struct Conn {
     pub peer: SocketAddr,
+    /// The peer's address as `X-Forwarded-For` and `Forwarded` write it, formatted
+    /// once per connection rather than once per request.
+    pub peer_ip: http::HeaderValue,
+    pub forwarded_for: http::HeaderValue,
     pub tls: bool,
     /// Arrived on the forward-auth listener: requests are authorization subrequests.
     pub forward_auth: bool,
@@ -43,8 +47,11 @@ impl Drop for InFlight<'_> {
 
 impl Conn {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let (peer_ip, forwarded_for) = peer_texts(peer, tls);
         Self {
             peer,
+            peer_ip,
+            forwarded_for,
             tls,
             forward_auth: false,
             last_request_ms: AtomicU64::new(0),
@@ -105,4 +112,16 @@ impl Conn {
             "http"
         }
     }
+}
+
+/// `1.2.3.4` and `for=1.2.3.4;proto=http` (RFC 7239 quotes an IPv6 address).
+fn peer_texts(peer: SocketAddr, tls: bool) -> (http::HeaderValue, http::HeaderValue) {
+    let ip = peer.ip().to_string();
+    let proto = if tls { "https" } else { "http" };
+    let forwarded = match peer.ip() {
+        std::net::IpAddr::V4(_) => format!("for={ip};proto={proto}"),
+        std::net::IpAddr::V6(_) => format!("for=\"[{ip}]\";proto={proto}"),
+    };
+    let value = |s: String| http::HeaderValue::try_from(s).unwrap_or(http::HeaderValue::from_static(""));
+    (value(ip), value(forwarded))
 }

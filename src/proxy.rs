@@ -11,8 +11,7 @@
 //!
 //! Stages return values or errors; only `finish` turns an error into an answer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -425,13 +424,54 @@ fn request_id(req: &mut Request<Incoming>) -> HeaderValue {
 }
 
 fn new_request_id() -> HeaderValue {
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
-        let mut b = [0u8; 8];
-        let _ = aws_lc_rs::rand::fill(&mut b);
-        u64::from_le_bytes(b)
+    // Per thread, so no counter is shared by every request of every worker: a
+    // random prefix per thread, then that thread's sequence number.
+    thread_local! {
+        static NEXT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    let (prefix, n) = NEXT.with(|c| {
+        let (mut prefix, n) = c.get();
+        if prefix == 0 {
+            let mut b = [0u8; 8];
+            let _ = aws_lc_rs::rand::fill(&mut b);
+            prefix = u64::from_le_bytes(b) | 1;
+        }
+        c.set((prefix, n + 1));
+        (prefix, n)
     });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::try_from(format!("{prefix:016x}-{n:x}")).unwrap_or(HeaderValue::from_static("0"))
+    // `{prefix:016x}-{n:x}` without a formatter or a String.
+    let mut buf = [0u8; 33];
+    hex_u64(&mut buf[..16], prefix);
+    buf[16] = b'-';
+    let digits = (16 - (n.leading_zeros() as usize) / 4).max(1);
+    hex_u64(&mut buf[17..17 + digits], n);
+    HeaderValue::from_bytes(&buf[..17 + digits]).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Writes the low `out.len()` hex digits of `v` into `out`.
+fn hex_u64(out: &mut [u8], mut v: u64) {
+    for b in out.iter_mut().rev() {
+        *b = b"0123456789abcdef"[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_prefix_dash_sequence_in_hex() {
+        let a = new_request_id();
+        let b = new_request_id();
+        let (pa, na) = a.to_str().unwrap().split_once('-').unwrap();
+        let (pb, nb) = b.to_str().unwrap().split_once('-').unwrap();
+        assert_eq!(pa.len(), 16);
+        assert_eq!(pa, pb, "one prefix per thread");
+        let (na, nb) = (u64::from_str_radix(na, 16).unwrap(), u64::from_str_radix(nb, 16).unwrap());
+        assert_eq!(nb, na + 1);
+        let mut buf = [0u8; 3];
+        hex_u64(&mut buf, 0xabc);
+        assert_eq!(&buf, b"abc");
+    }
 }

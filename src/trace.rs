@@ -19,10 +19,13 @@
 pub mod export;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::Either;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::task::futures::TaskLocalFuture;
 
 pub use export::Exporter;
 
@@ -198,8 +201,11 @@ impl Recording {
     }
 
     /// Runs `f` as the work of this request (child spans attach to it).
-    pub async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
-        CURRENT.scope(self, f).await
+    // Plain fns returning the future, not `async fn`: an async wrapper would hold
+    // `f` a second time in its own state, and the request future hyper boxes
+    // would grow by the whole pipeline's size (and be copied on every request).
+    pub fn scope<F: Future>(self, f: F) -> TaskLocalFuture<Recording, F> {
+        CURRENT.scope(self, f)
     }
 
     pub fn exporter(&self) -> &Exporter {
@@ -213,10 +219,10 @@ pub fn current() -> Option<Recording> {
 }
 
 /// Runs `f` in `rec`'s scope if there is one.
-pub async fn in_scope<F: std::future::Future>(rec: Option<Recording>, f: F) -> F::Output {
+pub fn in_scope<F: Future>(rec: Option<Recording>, f: F) -> Either<TaskLocalFuture<Recording, F>, F> {
     match rec {
-        Some(r) => r.scope(f).await,
-        None => f.await,
+        Some(r) => Either::Left(r.scope(f)),
+        None => Either::Right(f),
     }
 }
 
