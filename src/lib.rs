@@ -54,6 +54,7 @@ pub(crate) mod state;
 pub(crate) mod target;
 pub(crate) mod tls;
 pub(crate) mod trace;
+pub(crate) mod worker;
 
 #[doc(hidden)]
 pub mod bench;

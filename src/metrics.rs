@@ -32,7 +32,15 @@ pub const LOGOUT_KINDS: [&str; 3] = ["local", "backchannel", "rp_initiated"];
 pub const REFRESH_OUTCOMES: [&str; 5] = ["ok", "rotated", "grace", "invalid_grant", "auth_server_error"];
 
 /// Counters of one route; kept across reloads while the route name exists.
+/// One shard per worker, summed when scraped: a request adds to its own
+/// worker's cache lines only, so workers never contend for a counter.
 pub struct RouteMetrics {
+    shards: Box<[RouteShard]>,
+}
+
+// Aligned so two workers' hot counters never share a cache line.
+#[repr(align(128))]
+struct RouteShard {
     /// Index = status code - 100.
     by_status: Box<[AtomicU64]>,
     buckets: [AtomicU64; BUCKETS.len()],
@@ -40,7 +48,7 @@ pub struct RouteMetrics {
     count: AtomicU64,
 }
 
-impl Default for RouteMetrics {
+impl Default for RouteShard {
     fn default() -> Self {
         Self {
             by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
@@ -51,23 +59,38 @@ impl Default for RouteMetrics {
     }
 }
 
+impl Default for RouteMetrics {
+    fn default() -> Self {
+        Self { shards: (0..crate::worker::shards()).map(|_| RouteShard::default()).collect() }
+    }
+}
+
 impl RouteMetrics {
+    fn mine(&self) -> &RouteShard {
+        &self.shards[crate::worker::shard(self.shards.len())]
+    }
+
     pub fn record_status(&self, status: u16) {
-        if let Some(c) = self.by_status.get(usize::from(status).wrapping_sub(100)) {
+        if let Some(c) = self.mine().by_status.get(usize::from(status).wrapping_sub(100)) {
             c.fetch_add(1, Relaxed);
         }
     }
 
     pub fn record_upstream(&self, d: Duration) {
+        let m = self.mine();
         let secs = d.as_secs_f64();
         for (i, bound) in BUCKETS.iter().enumerate() {
             if secs <= *bound {
-                self.buckets[i].fetch_add(1, Relaxed);
+                m.buckets[i].fetch_add(1, Relaxed);
                 break;
             }
         }
-        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
-        self.count.fetch_add(1, Relaxed);
+        m.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+        m.count.fetch_add(1, Relaxed);
+    }
+
+    fn sum(&self, f: impl Fn(&RouteShard) -> &AtomicU64) -> u64 {
+        self.shards.iter().map(|s| f(s).load(Relaxed)).sum()
     }
 }
 
@@ -158,8 +181,8 @@ impl Metrics {
         routes.sort_by(|a, b| a.0.cmp(&b.0));
         let all = routes.iter().map(|(n, m)| (n.as_str(), &**m)).chain([("", &self.unrouted)]);
         for (name, m) in all.clone() {
-            for (i, c) in m.by_status.iter().enumerate() {
-                let v = c.load(Relaxed);
+            for i in 0..500 {
+                let v = m.sum(|s| &s.by_status[i]);
                 if v > 0 {
                     writeln!(
                         o,
@@ -175,20 +198,20 @@ impl Metrics {
         for (name, m) in routes.iter().map(|(n, m)| (n.as_str(), &**m)) {
             let mut cum = 0;
             for (i, bound) in BUCKETS.iter().enumerate() {
-                cum += m.buckets[i].load(Relaxed);
+                cum += m.sum(|s| &s.buckets[i]);
                 writeln!(
                     o,
                     "portcullis_upstream_duration_seconds_bucket{{route=\"{}\",le=\"{bound}\"}} {cum}",
                     esc(name)
                 )?;
             }
-            let count = m.count.load(Relaxed);
+            let count = m.sum(|s| &s.count);
             writeln!(
                 o,
                 "portcullis_upstream_duration_seconds_bucket{{route=\"{}\",le=\"+Inf\"}} {count}",
                 esc(name)
             )?;
-            let sum = m.sum_micros.load(Relaxed) as f64 / 1e6;
+            let sum = m.sum(|s| &s.sum_micros) as f64 / 1e6;
             writeln!(o, "portcullis_upstream_duration_seconds_sum{{route=\"{}\"}} {sum}", esc(name))?;
             writeln!(o, "portcullis_upstream_duration_seconds_count{{route=\"{}\"}} {count}", esc(name))?;
         }

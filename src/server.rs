@@ -74,7 +74,7 @@ fn worker_count() -> usize {
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0)
-        .unwrap_or_else(crate::forward::upstream::shards)
+        .unwrap_or_else(crate::worker::shards)
 }
 
 impl Server {
@@ -217,7 +217,7 @@ fn worker(
     signals: Signals,
     open: Arc<OpenConnections>,
 ) {
-    crate::forward::upstream::set_worker(n);
+    crate::worker::set(n);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

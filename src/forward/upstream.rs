@@ -39,6 +39,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::Body;
+use crate::worker;
 
 /// An idle connection is closed after this long unused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -142,30 +143,13 @@ struct Pool {
     shards: Box<[Mutex<VecDeque<Idle>>]>,
 }
 
-thread_local! {
-    /// This thread's shard index; worker threads set it at start.
-    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks the current thread as worker `n` (for pool sharding).
-pub fn set_worker(n: usize) {
-    SHARD.with(|s| s.set(n));
-}
-
-/// How many shards pools have: one per worker thread the process runs.
-pub fn shards() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).max(1))
-}
-
 impl Pool {
     fn new() -> Self {
-        Self { shards: (0..shards()).map(|_| Mutex::new(VecDeque::new())).collect() }
+        Self { shards: (0..worker::shards()).map(|_| Mutex::new(VecDeque::new())).collect() }
     }
 
     fn shard(&self) -> &Mutex<VecDeque<Idle>> {
-        let i = SHARD.with(|s| s.get()) % self.shards.len();
-        &self.shards[i]
+        &self.shards[worker::shard(self.shards.len())]
     }
 
     fn take(&self) -> Option<Link> {
@@ -301,7 +285,7 @@ impl Backend {
         shards: &[H2Slot],
         req: Request<Body>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let slot = &shards[SHARD.with(|s| s.get()) % shards.len()];
+        let slot = &shards[worker::shard(shards.len())];
         let mut req = self.h2_request(req);
         if let Some(mut sender) = slot.live() {
             match sender.try_send_request(req).await {
@@ -542,7 +526,7 @@ impl Upstream {
                 tls,
                 connect_timeout,
                 pool: Arc::new(Pool::new()),
-                h2: h2.then(|| (0..shards()).map(|_| H2Slot::default()).collect()),
+                h2: h2.then(|| (0..worker::shards()).map(|_| H2Slot::default()).collect()),
             });
         }
         Ok(Self { backends, next: AtomicUsize::new(0) })
