@@ -13,7 +13,8 @@
 # sample_ratio 1.0 and 0.01 (spans POSTed to the upstream nginx, which answers
 # 200 like a collector; its CPU is not counted), one `sub` rate limit plus 20
 # rules (the last one deciding, on a claim), upstream_protocol = "h2" (to the
-# upstream nginx's HTTP/2 port), 1 vs 2 workers
+# upstream nginx's HTTP/2 port), an opaque token whose introspection answer is
+# cached (from a second nginx standing in for the endpoint), 1 vs 2 workers
 # unpinned, and portcullis' RSS idle and with 10,000 keep-alive connections.
 # Traffic goes to 127.0.0.1 only; every run is bounded in time.
 #
@@ -49,6 +50,7 @@ PCT=18089; PCT2=18090; ADMT=18095; ADMT2=18096
 PCR=18097; ADMR=18098   # one rate limit and 20 rules on the route
 PCH=18099; ADMH=18100; UPH2=18101   # upstream_protocol = "h2" to the upstream's HTTP/2 port
 PCB=18102; ADMB=18103   # BASELINE_BIN
+PCI=18104; ADMI=18105; INTRO=18106   # an opaque token, cached after one RFC 7662 introspection
 FIX=$PWD/tests/fixtures
 cargo build --release --quiet --bin portcullis --example mint
 BIN=$PWD/target/release/portcullis
@@ -102,6 +104,17 @@ backend be
 HAPROXY
 haproxy -f "$WORK/haproxy.cfg" -D -p "$WORK/haproxy.pid"
 
+# The introspection endpoint: nginx answering one active token's claims (called
+# once; the answer is cached for an hour). Its CPU is not counted.
+cat > "$WORK/nginx-introspect.conf" <<NGINX
+worker_processes 1; worker_cpu_affinity 01;
+pid $WORK/nginx-introspect.pid; error_log $WORK/nginx-introspect.log;
+events { worker_connections 64; }
+http { access_log off; server { listen 127.0.0.1:$INTRO; default_type application/json;
+  location / { return 200 '{"active":true,"sub":"user-0","scope":"orders:read","aud":"orders-api","exp":4102444800}'; } } }
+NGINX
+nginx -c "$WORK/nginx-introspect.conf"
+
 pc_config() { # $1 http port, $2 admin port, $3 token_cache_entries, $4 https port (optional), $5 sample_ratio (optional)
   printf '[listen]\nhttp = "127.0.0.1:%s"\nadmin = "127.0.0.1:%s"\n' "$1" "$2"
   [ -n "${4:-}" ] && printf 'https = "127.0.0.1:%s"\n[tls]\ncert = "%s"\nkey = "%s"\n' "$4" "$WORK/cert.pem" "$WORK/key.pem"
@@ -136,6 +149,8 @@ pc_config $PCT2 $ADMT2 100000 "" 0.01 > "$WORK/pc-trace-0.01.toml"
   printf '[[routes.rules]]\npath_prefix = "/"\nclaims = { sub = "user-0" }\n'
   printf '[[rate_limits]]\nname = "per-user"\nkey = "sub"\nrate = "1000000/s"\n'
 } > "$WORK/pc-limits.toml"
+pc_config $PCI $ADMI 100000 "" | sed "s|^issuer = \"main\"$|issuer = \"legacy\"|" > "$WORK/pc-introspect.toml"
+printf '[[issuers]]\nname = "legacy"\nissuer = "https://legacy.example.com"\nintrospection = { url = "http://127.0.0.1:%s/introspect", client_id = "edge", client_auth = "none", cache = "1h" }\n' "$INTRO" >> "$WORK/pc-introspect.toml"
 pc_config $PCH $ADMH 100000 "" | sed "s|^upstream = .*|upstream = \"http://127.0.0.1:$UPH2\"\nupstream_protocol = \"h2\"|" > "$WORK/pc-h2up.toml"
 PCS_TLS=$((PCS + 100))
 PC_PID=$(start_pc "$WORK/pc.toml" warn $ADM)
@@ -146,6 +161,7 @@ PCT_PID=$(start_pc "$WORK/pc-trace.toml" warn $ADMT)
 PCT2_PID=$(start_pc "$WORK/pc-trace-0.01.toml" warn $ADMT2)
 PCR_PID=$(start_pc "$WORK/pc-limits.toml" warn $ADMR)
 PCH_PID=$(start_pc "$WORK/pc-h2up.toml" warn $ADMH)
+PCI_PID=$(start_pc "$WORK/pc-introspect.toml" warn $ADMI)
 if [ -n "${BASELINE_BIN:-}" ]; then
   pc_config $PCB $ADMB 100000 "" > "$WORK/pc-baseline.toml"
   PCB_PID=$(start_pc "$WORK/pc-baseline.toml" warn $ADMB "$BASELINE_BIN")
@@ -212,6 +228,7 @@ for r in $(seq "$ROUNDS"); do
   wrk_run portcullis_trace_0.01 "$PCT2_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCT2/"
   wrk_run portcullis_limit_rules "$PCR_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCR/"
   wrk_run portcullis_h2_upstream "$PCH_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCH/"
+  wrk_run portcullis_introspected "$PCI_PID" 64 -H "Authorization: Bearer opaque-bench-token-0001" -s "$WORK/report.lua" "http://127.0.0.1:$PCI/"
   h2_run nginx_tls_h1 "$NGX_PID" --h1 -c64 "https://127.0.0.1:$NGXS/"
   h2_run portcullis_tls_h1 "$PCS_PID" --h1 -c64 "${AUTH[@]}" "https://127.0.0.1:$PCS_TLS/"
   h2_run nginx_tls_h2 "$NGX_PID" -c32 -m8 "https://127.0.0.1:$NGXS/"
@@ -225,7 +242,7 @@ done
 if want workers || want rss; then
 kill "$PC_PID" 2>/dev/null; wait "$PC_PID" 2>/dev/null || true
 for workers in 1 2; do
-  TOKIO_WORKER_THREADS=$workers PORTCULLIS_LOG=warn "$BIN" run --config "$WORK/pc.toml" 2>>"$WORK/pc-w$workers.log" >/dev/null &
+  PORTCULLIS_WORKERS=$workers PORTCULLIS_LOG=warn "$BIN" run --config "$WORK/pc.toml" 2>>"$WORK/pc-w$workers.log" >/dev/null &
   PC_PID=$!
   echo $PC_PID >> "$WORK/pids"
   for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -313,6 +330,7 @@ ratio("tracing sample_ratio 0.01 / off", "portcullis_trace_0.01", "portcullis")
 ratio("rate limit + 20 rules / neither", "portcullis_limit_rules", "portcullis")
 ratio("upstream_protocol h2 / http1", "portcullis_h2_upstream", "portcullis")
 ratio("portcullis / BASELINE_BIN", "portcullis", "portcullis_baseline")
+ratio("opaque token, cached introspection / JWT, cached", "portcullis_introspected", "portcullis")
 ratio("upstream_protocol h2 portcullis / nginx", "portcullis_h2_upstream", "nginx", 0.8)
 if all(k in med for k in ("lat_direct", "lat_nginx", "lat_portcullis")):
     d = med["lat_direct"][2]
