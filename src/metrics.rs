@@ -31,18 +31,42 @@ pub const LOGOUT_KINDS: [&str; 3] = ["local", "backchannel", "rp_initiated"];
 
 pub const REFRESH_OUTCOMES: [&str; 5] = ["ok", "rotated", "grace", "invalid_grant", "auth_server_error"];
 
+/// Status codes counted in every worker's shard: IANA's registered codes and
+/// nginx's 499. Any other code an upstream answers is counted in one row the
+/// workers share, which keeps a shard at half a kilobyte per route.
+const COMMON: [u16; 64] = [
+    100, 101, 102, 103, 200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303, 304, 305, 306,
+    307, 308, 400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417, 418,
+    421, 422, 423, 424, 425, 426, 428, 429, 431, 451, 499, 500, 501, 502, 503, 504, 505, 506, 507, 508, 510,
+    511,
+];
+
+/// Status code - 100 → its slot in `COMMON`, or `NONE`.
+const SLOT: [u8; 500] = {
+    let mut t = [NONE; 500];
+    let mut i = 0;
+    while i < COMMON.len() {
+        t[(COMMON[i] - 100) as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+const NONE: u8 = u8::MAX;
+
 /// Counters of one route; kept across reloads while the route name exists.
 /// One shard per worker, summed when scraped: a request adds to its own
 /// worker's cache lines only, so workers never contend for a counter.
 pub struct RouteMetrics {
     shards: Box<[RouteShard]>,
+    /// Index = status code - 100, for codes outside `COMMON`.
+    other: Box<[AtomicU64]>,
 }
 
 // Aligned so two workers' hot counters never share a cache line.
 #[repr(align(128))]
 struct RouteShard {
-    /// Index = status code - 100.
-    by_status: Box<[AtomicU64]>,
+    /// Index = slot in `COMMON`.
+    by_status: [AtomicU64; COMMON.len()],
     buckets: [AtomicU64; BUCKETS.len()],
     sum_micros: AtomicU64,
     count: AtomicU64,
@@ -51,7 +75,7 @@ struct RouteShard {
 impl Default for RouteShard {
     fn default() -> Self {
         Self {
-            by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
+            by_status: [const { AtomicU64::new(0) }; COMMON.len()],
             buckets: Default::default(),
             sum_micros: AtomicU64::new(0),
             count: AtomicU64::new(0),
@@ -61,7 +85,10 @@ impl Default for RouteShard {
 
 impl Default for RouteMetrics {
     fn default() -> Self {
-        Self { shards: (0..crate::worker::shards()).map(|_| RouteShard::default()).collect() }
+        Self {
+            shards: (0..crate::worker::shards()).map(|_| RouteShard::default()).collect(),
+            other: (100..600).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 }
 
@@ -71,8 +98,19 @@ impl RouteMetrics {
     }
 
     pub fn record_status(&self, status: u16) {
-        if let Some(c) = self.mine().by_status.get(usize::from(status).wrapping_sub(100)) {
-            c.fetch_add(1, Relaxed);
+        let i = usize::from(status).wrapping_sub(100);
+        match SLOT.get(i) {
+            Some(&NONE) => self.other[i].fetch_add(1, Relaxed),
+            Some(&slot) => self.mine().by_status[usize::from(slot)].fetch_add(1, Relaxed),
+            None => return,
+        };
+    }
+
+    /// Requests answered with `status`, all workers together.
+    fn status_count(&self, status_index: usize) -> u64 {
+        match SLOT[status_index] {
+            NONE => self.other[status_index].load(Relaxed),
+            slot => self.sum(|s| &s.by_status[usize::from(slot)]),
         }
     }
 
@@ -181,8 +219,8 @@ impl Metrics {
         routes.sort_by(|a, b| a.0.cmp(&b.0));
         let all = routes.iter().map(|(n, m)| (n.as_str(), &**m)).chain([("", &self.unrouted)]);
         for (name, m) in all.clone() {
-            for i in 0..500 {
-                let v = m.sum(|s| &s.by_status[i]);
+            for i in 0..SLOT.len() {
+                let v = m.status_count(i);
                 if v > 0 {
                     writeln!(
                         o,
@@ -345,5 +383,34 @@ mod tests {
         );
         assert!(text.contains("portcullis_auth_rejections_total{reason=\"invalid_token\"} 1"));
         assert!(text.contains("portcullis_jwks_fetches_total{issuer=\"main\",outcome=\"ok\"} 1"));
+    }
+
+    #[test]
+    fn status_counts_add_up_across_workers_and_uncommon_codes() {
+        let m = Metrics::default();
+        let r = m.route("api");
+        std::thread::scope(|t| {
+            for w in 0..4 {
+                let r = &r;
+                t.spawn(move || {
+                    crate::worker::set(w);
+                    for _ in 0..100 {
+                        r.record_status(204);
+                    }
+                    r.record_status(599);
+                    r.record_status(103);
+                    r.record_status(600);
+                    r.record_status(99);
+                });
+            }
+        });
+        let text = m.render();
+        assert!(text.contains("portcullis_requests_total{route=\"api\",status=\"204\"} 400"), "{text}");
+        assert!(text.contains("portcullis_requests_total{route=\"api\",status=\"599\"} 4"));
+        assert!(text.contains("portcullis_requests_total{route=\"api\",status=\"103\"} 4"));
+        assert!(!text.contains("status=\"600\"") && !text.contains("status=\"99\""));
+        for (i, code) in COMMON.iter().enumerate() {
+            assert_eq!(usize::from(SLOT[usize::from(*code) - 100]), i);
+        }
     }
 }
