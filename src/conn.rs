@@ -106,18 +106,22 @@ impl Conn {
     }
 
     pub fn scheme(&self) -> &'static str {
-        if self.tls {
-            "https"
-        } else {
-            "http"
-        }
+        scheme(self.tls)
+    }
+}
+
+fn scheme(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
     }
 }
 
 /// `1.2.3.4` and `for=1.2.3.4;proto=http` (RFC 7239 quotes an IPv6 address).
 fn peer_texts(peer: SocketAddr, tls: bool) -> (http::HeaderValue, http::HeaderValue) {
     let ip = peer.ip().to_string();
-    let proto = if tls { "https" } else { "http" };
+    let proto = scheme(tls);
     let forwarded = match peer.ip() {
         std::net::IpAddr::V4(_) => format!("for={ip};proto={proto}"),
         std::net::IpAddr::V6(_) => format!("for=\"[{ip}]\";proto={proto}"),

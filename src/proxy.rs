@@ -423,37 +423,32 @@ fn request_id(req: &mut Request<Incoming>) -> HeaderValue {
     value
 }
 
+thread_local! {
+    /// Per thread, so no counter is shared by every request of every worker: a
+    /// random prefix (0 until drawn), then this thread's next sequence number.
+    static NEXT_ID: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
 fn new_request_id() -> HeaderValue {
-    // Per thread, so no counter is shared by every request of every worker: a
-    // random prefix per thread, then that thread's sequence number.
-    thread_local! {
-        static NEXT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
-    }
-    let (prefix, n) = NEXT.with(|c| {
+    let (prefix, n) = NEXT_ID.with(|c| {
         let (mut prefix, n) = c.get();
         if prefix == 0 {
             let mut b = [0u8; 8];
             let _ = aws_lc_rs::rand::fill(&mut b);
             prefix = u64::from_le_bytes(b) | 1;
         }
-        c.set((prefix, n + 1));
+        c.set((prefix, n.wrapping_add(1)));
         (prefix, n)
     });
     // `{prefix:016x}-{n:x}` without a formatter or a String.
     let mut buf = [0u8; 33];
-    hex_u64(&mut buf[..16], prefix);
+    trace::hex_into(&mut buf[..16], &prefix.to_be_bytes());
     buf[16] = b'-';
-    let digits = (16 - (n.leading_zeros() as usize) / 4).max(1);
-    hex_u64(&mut buf[17..17 + digits], n);
-    HeaderValue::from_bytes(&buf[..17 + digits]).unwrap_or(HeaderValue::from_static("0"))
-}
-
-/// Writes the low `out.len()` hex digits of `v` into `out`.
-fn hex_u64(out: &mut [u8], mut v: u64) {
-    for b in out.iter_mut().rev() {
-        *b = b"0123456789abcdef"[(v & 0xf) as usize];
-        v >>= 4;
-    }
+    trace::hex_into(&mut buf[17..], &n.to_be_bytes());
+    // `n` without its leading zeros (one digit at least).
+    let zeros = ((n.leading_zeros() / 4) as usize).min(15);
+    buf.copy_within(17 + zeros.., 17);
+    HeaderValue::from_bytes(&buf[..33 - zeros]).unwrap_or(HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -468,10 +463,14 @@ mod tests {
         let (pb, nb) = b.to_str().unwrap().split_once('-').unwrap();
         assert_eq!(pa.len(), 16);
         assert_eq!(pa, pb, "one prefix per thread");
-        let (na, nb) = (u64::from_str_radix(na, 16).unwrap(), u64::from_str_radix(nb, 16).unwrap());
-        assert_eq!(nb, na + 1);
-        let mut buf = [0u8; 3];
-        hex_u64(&mut buf, 0xabc);
-        assert_eq!(&buf, b"abc");
+        let n = u64::from_str_radix(na, 16).unwrap();
+        assert_eq!(na, format!("{n:x}"), "no leading zeros");
+        assert_eq!(nb, format!("{:x}", n + 1));
+        // Through a digit boundary and at the widest.
+        for n in [0u64, 0xf, 0x10, u64::MAX] {
+            NEXT_ID.with(|c| c.set((c.get().0, n)));
+            let id = new_request_id();
+            assert_eq!(id.to_str().unwrap().split_once('-').unwrap().1, format!("{n:x}"));
+        }
     }
 }

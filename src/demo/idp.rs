@@ -149,6 +149,13 @@ pub fn loopback_prefixes() -> Vec<String> {
         .to_vec()
 }
 
+/// `u` starts with one of `prefixes` and names no userinfo:
+/// `http://127.0.0.1:80@evil.example/` starts like a local URL.
+fn allowed_redirect(prefixes: &[String], u: &str) -> bool {
+    let authority = u.split(['/', '?', '#']).nth(2).unwrap_or("");
+    !authority.contains('@') && prefixes.iter().any(|p| u.starts_with(p.as_str()))
+}
+
 /// What the provider's page (and `/stats`) shows: the proof that a storm made one refresh.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Stats {
@@ -451,9 +458,7 @@ impl Idp {
     }
 
     fn allowed_redirect(&self, u: &str) -> bool {
-        // No userinfo: `http://127.0.0.1:80@evil.example/` starts like a local URL.
-        let authority = u.split(['/', '?', '#']).nth(2).unwrap_or("");
-        !authority.contains('@') && self.opts.redirects.iter().any(|p| u.starts_with(p.as_str()))
+        allowed_redirect(&self.opts.redirects, u)
     }
 
     /// RFC 6749 §2.3.1: HTTP Basic (form-encoded id and secret) or the form's fields.
@@ -757,4 +762,20 @@ pub fn escape(s: &str) -> String {
         .replace('>', "&gt;")
         .replace('"', "&quot;")
         .replace('\'', "&#39;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_must_be_local_without_userinfo() {
+        let local = loopback_prefixes();
+        assert!(allowed_redirect(&local, "http://127.0.0.1:8080/auth/callback?x=1"));
+        assert!(allowed_redirect(&local, "http://localhost/done"));
+        assert!(allowed_redirect(&local, "http://127.0.0.1:8080/cb?next=a@b"), "@ after the authority");
+        assert!(!allowed_redirect(&local, "http://127.0.0.1:80@evil.example/"));
+        assert!(!allowed_redirect(&local, "http://127.0.0.1:80\\@evil.example/"));
+        assert!(!allowed_redirect(&local, "https://evil.example/"));
+    }
 }
