@@ -277,6 +277,11 @@ impl Idp {
         s.refresh.get(refresh).and_then(|f| s.families.get(f)).is_some_and(|f| f.revoked)
     }
 
+    /// Every refresh token issued so far, spent or not.
+    pub fn issued_refresh_tokens(&self) -> Vec<String> {
+        self.lock().refresh.keys().cloned().collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

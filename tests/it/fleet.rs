@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::kit::idp::CLIENT_SECRET;
+use crate::kit::idp::{sign, CLIENT_SECRET};
 use crate::kit::session::{
     api, b64_key, claims, env_with_keys, forwarded_token, last_refresh_token, login, refresh_now, refreshes,
     set_cookies, token_calls, Jar, ACCESS, REFRESH,
@@ -641,10 +641,13 @@ async fn revocations_survive_a_redis_that_returns_empty() {
 
 // === 6. nothing secret in Redis ===
 
-/// Every key and value in Redis: keys are `{prefix}KIND:HEX64`, and no access
-/// token (`eyJ…`), refresh token (`rt-…`) or cookie value appears anywhere.
-async fn assert_no_secret_in_redis(redis: &RedisServer, secrets: &[String]) -> Vec<String> {
+/// Every key and value in Redis: keys are `{prefix}KIND:HEX64`; no value holds
+/// anything shaped like a JWT, nor any refresh token the IdP issued, nor any of
+/// `secrets`.
+async fn assert_no_secret_in_redis(redis: &RedisServer, idp: &TestIdp, secrets: &[String]) -> Vec<String> {
     let all = redis.dump_all().await;
+    let mut secrets = secrets.to_vec();
+    secrets.extend(idp.issued_refresh_tokens());
     let mut keys = Vec::new();
     for (key, value) in &all {
         let rest = key.strip_prefix(PREFIX).unwrap_or_else(|| panic!("key outside the prefix: {key}"));
@@ -657,15 +660,30 @@ async fn assert_no_secret_in_redis(redis: &RedisServer, secrets: &[String]) -> V
             "key is not a SHA-256 hash: {key}"
         );
         let text = String::from_utf8_lossy(value);
-        for needle in ["eyJ", "rt-"] {
-            assert!(!key.contains(needle) && !text.contains(needle), "{needle}… in Redis: {key} = {text}");
-        }
-        for s in secrets {
+        assert!(!has_jwt_shape(&text), "a JWT in Redis: {key} = {text}");
+        for s in &secrets {
             assert!(!text.contains(s.as_str()), "a token or cookie value in Redis at {key}");
         }
         keys.push(key.clone());
     }
     keys
+}
+
+/// `eyJ…​.eyJ`: a JWT's JSON header, a dot, its JSON payload. Sealed values are
+/// base64url, which has no dot, so random ciphertext cannot match by chance.
+fn has_jwt_shape(text: &str) -> bool {
+    text.match_indices("eyJ").any(|(i, _)| {
+        let rest = &text[i + 3..];
+        let run = rest.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_').count();
+        rest[run..].starts_with(".eyJ")
+    })
+}
+
+#[test]
+fn jwt_shape_is_told_from_base64url() {
+    let jwt = sign("rsa1", &json!({"sub": "alice"}));
+    assert!(has_jwt_shape(&jwt) && has_jwt_shape(&format!("{{\"at\":\"{jwt}\"}}")));
+    assert!(!has_jwt_shape("xeyJhbGciOiJSUzI1NiJ9rt-eyJzdWIiOiJhIn0eyJ"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -686,7 +704,7 @@ async fn redis_holds_no_token_in_clear() {
         !f.redis.keys(&lock_pattern).await.is_empty()
     })
     .await;
-    assert_no_secret_in_redis(&f.redis, &secrets).await;
+    assert_no_secret_in_redis(&f.redis, &f.idp, &secrets).await;
     let replies = storm.await.expect("storm task");
     let token = assert_storm_shared_one_refresh(&replies);
     f.idp.set_outage(Outage::None);
@@ -699,7 +717,7 @@ async fn redis_holds_no_token_in_clear() {
     assert_eq!(revoke(&f.b, &json!({"jti": c["jti"], "exp": c["exp"]})).await.status, 201);
     assert_eq!(revoke(&f.a, &json!({"sub": "alice", "issued_before": idp::now()})).await.status, 201);
 
-    let keys = assert_no_secret_in_redis(&f.redis, &secrets).await;
+    let keys = assert_no_secret_in_redis(&f.redis, &f.idp, &secrets).await;
     let outcome: Vec<&String> = keys.iter().filter(|k| k.starts_with(&format!("{PREFIX}refresh:"))).collect();
     assert_eq!(outcome.len(), 1, "one stored refresh outcome: {keys:?}");
     assert!(

@@ -139,8 +139,9 @@ async fn a_rolling_restart_behind_haproxy_without_retries_refuses_nothing() {
         served(&ups[i], SERVED, &format!("{name} serves {SERVED} requests before its restart")).await;
         let (http, admin) = (instances[i].http, instances[i].admin);
 
-        instances[i].signal("TERM");
+        // Taken before `kill` runs: the signal lands while it does.
         let term = Instant::now();
+        instances[i].signal("TERM");
         events.push(format!("{:?} {name}: SIGTERM", t0.elapsed()));
         lb.wait_status(&name, "DOWN", DRAIN_DELAY + DEADLINE).await;
         let noticed = term.elapsed();

@@ -384,6 +384,11 @@ impl TestIdp {
         self.core.family_revoked(refresh)
     }
 
+    /// Every refresh token this server has issued, spent or not.
+    pub fn issued_refresh_tokens(&self) -> Vec<String> {
+        self.core.issued_refresh_tokens()
+    }
+
     /// Claims of a normal access token for `sub`, valid for `ttl` seconds.
     pub fn claims(&self, sub: &str, ttl: i64) -> Value {
         self.core.access_claims(sub, None, ttl)
