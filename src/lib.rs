@@ -40,6 +40,7 @@ pub(crate) mod fleet;
 pub(crate) mod forward;
 pub(crate) mod forward_auth;
 pub(crate) mod keys;
+pub mod logfmt;
 pub(crate) mod metrics;
 pub(crate) mod oauth;
 pub(crate) mod outbound;

@@ -160,7 +160,8 @@ fn config_path(flag: Option<PathBuf>) -> PathBuf {
 
 /// Logs go to stderr through a writer thread: a request never waits on a write(2).
 /// Not lossy: if the writer falls behind, logging applies back-pressure rather
-/// than dropping access-log lines.
+/// than dropping access-log lines. The thread takes every line queued since it
+/// last woke and writes them with one write(2), flushing before it sleeps again.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("PORTCULLIS_LOG")
@@ -170,11 +171,16 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         .unwrap_or_else(|| EnvFilter::new("info"));
     use std::io::IsTerminal as _;
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let (writer, guard) =
-        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .with_timer(portcullis::logfmt::Time);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(portcullis::logfmt::Fields).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     guard
