@@ -265,6 +265,11 @@ impl Admitted {
     pub fn source(&self) -> Option<&TokenSource> {
         self.verified.as_ref().map(|(_, s)| s)
     }
+
+    /// The claims, for what outlives the request's checks (the access log).
+    pub fn into_claims(self) -> Option<Arc<Claims>> {
+        self.verified.map(|(c, _)| c)
+    }
 }
 
 /// The verified-token cache and the deny list: what every check consults.

@@ -34,9 +34,9 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What the access log line and the metrics report about one request.
 #[derive(Default)]
-struct Record {
-    /// The matched route; `Arc` clones, so the access log costs no allocation.
-    route: Option<Arc<Route>>,
+struct Record<'s> {
+    /// The matched route, borrowed from the request's snapshot.
+    route: Option<&'s Route>,
     /// Set for the session endpoints, which are not routes.
     endpoint: bool,
     claims: Option<Arc<Claims>>,
@@ -45,7 +45,7 @@ struct Record {
     set_cookies: Vec<HeaderValue>,
 }
 
-impl Record {
+impl Record<'_> {
     fn route_name(&self) -> &str {
         match &self.route {
             Some(r) => &r.name,
@@ -125,20 +125,20 @@ pub async fn authorize_only(
     finish(resp, record, begun, &method, &uri, rt)
 }
 
-async fn decide_only(
+async fn decide_only<'s>(
     req: &Request<Incoming>,
     original: &crate::forward_auth::Original,
-    snap: &Snapshot,
+    snap: &'s Snapshot,
     rt: &Runtime,
     conn: &Conn,
-    record: &mut Record,
+    record: &mut Record<'s>,
 ) -> Result<Response<Body>, ProxyError> {
     let target = &original.target;
     let session = session_ctx(snap, rt);
     let own = csrf::Own { tls: original.tls, authority: target.authority_str() };
     let found = (&original.method, req.headers(), target, &snap.auth_routes);
     let admitted = admit(found, conn, own, snap, rt, session.as_ref(), record).await?;
-    let route = record.route.as_ref().ok_or(ProxyError::NoRoute)?;
+    let route = record.route.ok_or(ProxyError::NoRoute)?;
     let mut resp = Response::new(crate::body::empty());
     // The answer carries what the upstream of a proxied request would get, so a
     // front proxy that sets Authorization from it (nginx) keeps a client's bearer.
@@ -158,6 +158,7 @@ async fn decide_only(
         resp.headers_mut().insert(crate::forward_auth::UPSTREAM_COOKIE.clone(), kept);
     }
     route.identity.write(resp.headers_mut(), &admitted);
+    record.claims = admitted.into_claims();
     Ok(resp)
 }
 
@@ -182,7 +183,7 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// An error becomes its answer (a gRPC one for gRPC requests), counted and logged once.
-fn failed(e: ProxyError, record: &mut Record, rt: &Runtime, grpc: bool) -> Response<Body> {
+fn failed(e: ProxyError, record: &mut Record<'_>, rt: &Runtime, grpc: bool) -> Response<Body> {
     record.error = Some(e.code());
     match &e {
         ProxyError::Auth(a) => rt.metrics.rejection(a.code()),
@@ -198,23 +199,23 @@ fn failed(e: ProxyError, record: &mut Record, rt: &Runtime, grpc: bool) -> Respo
 }
 
 /// What a request is routed and authenticated by: its method, headers, target
-/// and the routes it may match.
-type Asked<'a> = (&'a Method, &'a HeaderMap, &'a Target, &'a RouteTable<Arc<Route>>);
+/// and the routes it may match (of the request's snapshot, `'s`).
+type Asked<'a, 's> = (&'a Method, &'a HeaderMap, &'a Target, &'s RouteTable<Arc<Route>>);
 
 /// Steps 3 and 4: the route, rate limits, the deciding rule (token-free outcomes
 /// first), then the credential (the Authorization header, else the session's,
 /// maybe refreshed, token) and its checks. The route is left in `record`.
-async fn admit(
-    (method, headers, target, routes): Asked<'_>,
+async fn admit<'s>(
+    (method, headers, target, routes): Asked<'_, 's>,
     conn: &Conn,
     own: csrf::Own<'_>,
     snap: &Snapshot,
     rt: &Runtime,
     session: Option<&SessionCtx<'_>>,
-    record: &mut Record,
+    record: &mut Record<'s>,
 ) -> Result<Admitted, ProxyError> {
-    let route = routes.find(target.authority_str(), target.path()).ok_or(ProxyError::NoRoute)?.clone();
-    record.route = Some(route.clone());
+    let route: &'s Route = routes.find(target.authority_str(), target.path()).ok_or(ProxyError::NoRoute)?;
+    record.route = Some(route);
     if !snap.rate_limits.is_empty() {
         snap.rate_limits.before_auth(Some(&route.name), false, conn.peer.ip(), headers)?;
     }
@@ -237,19 +238,21 @@ async fn admit(
             auth::authenticate(credential, policy, rule, &rt.verifier).await?
         }
     };
-    record.claims = admitted.claims().cloned();
     if !snap.rate_limits.is_empty() {
-        snap.rate_limits.after_auth(&route.name, admitted.claims().map(|c| &**c))?;
+        if let Err(e) = snap.rate_limits.after_auth(&route.name, admitted.claims().map(|c| &**c)) {
+            record.claims = admitted.into_claims();
+            return Err(e.into());
+        }
     }
     Ok(admitted)
 }
 
-async fn pipeline(
+async fn pipeline<'s>(
     mut req: Request<Incoming>,
     conn: &Conn,
-    snap: &Snapshot,
+    snap: &'s Snapshot,
     rt: &Runtime,
-    record: &mut Record,
+    record: &mut Record<'s>,
 ) -> Result<Response<Body>, ProxyError> {
     // 0. The path and host, read once for routing and forwarding alike.
     let target = Target::read(&req).map_err(|e| ProxyError::BadRequest(e.description()))?;
@@ -271,11 +274,14 @@ async fn pipeline(
     let own = csrf::Own { tls: conn.tls, authority: target.authority_str() };
     let asked = (req.method(), req.headers(), &target, &snap.routes);
     let admitted = admit(asked, conn, own, snap, rt, session.as_ref(), record).await?;
-    let route = record.route.clone().ok_or(ProxyError::NoRoute)?;
+    let route = record.route.ok_or(ProxyError::NoRoute)?;
     // 5. Forward (proxy listeners only match routes with an upstream).
     let forwarder = route.forwarder.as_ref().ok_or(ProxyError::NoRoute)?;
     let tunnels = Tunnels { revocations: &rt.verifier.revocations, metrics: &rt.metrics };
-    let sent = forwarder.send(req, &target, conn, &admitted, &snap.own_cookies, &tunnels).await?;
+    let sent = forwarder.send(req, &target, conn, &admitted, &snap.own_cookies, &tunnels).await;
+    // Moved, not cloned: the access log names the subject whatever the upstream did.
+    record.claims = admitted.into_claims();
+    let sent = sent?;
     record.upstream_time = Some(sent.upstream_time);
     Ok(sent.response)
 }
@@ -292,7 +298,7 @@ fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
 /// per request, whatever happened.
 fn finish(
     mut resp: Response<Body>,
-    mut record: Record,
+    mut record: Record<'_>,
     begun: Begun,
     method: &http::Method,
     uri: &http::Uri,
@@ -305,7 +311,7 @@ fn finish(
         resp.headers_mut().append(http::header::SET_COOKIE, c);
     }
     let status = resp.status().as_u16();
-    match record.route.as_ref().map(|r| &r.metrics) {
+    match record.route.map(|r| &r.metrics) {
         Some(m) => {
             m.record_status(status);
             if let Some(t) = record.upstream_time {
@@ -348,7 +354,7 @@ fn server_span(
     attrs.push(trace::Attr::Str("http.request.method", method_name(method)));
     attrs.push(trace::Attr::Int("http.response.status_code", i64::from(status)));
     match record.route {
-        Some(r) => attrs.push(trace::Attr::Shared("portcullis.route", r)),
+        Some(r) => attrs.push(trace::Attr::Owned("portcullis.route", r.name.clone())),
         None => {
             attrs.push(trace::Attr::Str("portcullis.route", if record.endpoint { "session" } else { "-" }))
         }

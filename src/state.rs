@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use http::header::HeaderName;
@@ -31,13 +31,6 @@ pub struct Route {
     /// What a forward-auth answer tells the front proxy about the caller.
     pub identity: IdentityHeaders,
     pub metrics: Arc<RouteMetrics>,
-}
-
-/// A span names a route by reference; the name is read at export.
-impl crate::trace::Text for Route {
-    fn text(&self) -> Option<&str> {
-        Some(&self.name)
-    }
 }
 
 /// One configuration, ready to serve.
@@ -168,9 +161,56 @@ impl Snapshot {
     }
 }
 
+/// The configuration in force, and each worker's handle on it: a request holds
+/// its snapshot through an `Arc` of its worker's own, so starting and ending
+/// one touches no count that every worker's requests share.
+pub(crate) struct Current {
+    shared: ArcSwap<Snapshot>,
+    workers: Box<[Slot]>,
+    /// One store at a time, so every slot ends with the same snapshot as `shared`.
+    storing: Mutex<()>,
+}
+
+/// A snapshot as a request holds it: the outer count is its worker's own.
+#[allow(clippy::redundant_allocation, reason = "the outer Arc is per worker, the inner one shared")]
+pub(crate) type Held = Arc<Arc<Snapshot>>;
+
+/// A worker's handle, on a cache line of its own.
+#[repr(align(128))]
+struct Slot(Mutex<Held>);
+
+impl Current {
+    fn new(snapshot: Snapshot) -> Self {
+        let shared = Arc::new(snapshot);
+        let workers =
+            (0..crate::worker::shards()).map(|_| Slot(Mutex::new(Arc::new(shared.clone())))).collect();
+        Self { shared: ArcSwap::new(shared), workers, storing: Mutex::new(()) }
+    }
+
+    /// For a quick look (admin, drain settings): not held across awaits.
+    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.shared.load()
+    }
+
+    /// The snapshot a request (or connection) keeps to its end, even across a reload.
+    pub(crate) fn hold(&self) -> Held {
+        let held = &self.workers[crate::worker::shard(self.workers.len())];
+        held.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Puts `snapshot` in force: requests that start after this returns use it.
+    pub(crate) fn store(&self, snapshot: Arc<Snapshot>) {
+        let _one = self.storing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.shared.store(snapshot.clone());
+        for held in &self.workers {
+            *held.0.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot.clone());
+        }
+    }
+}
+
 /// State shared by every listener and every configuration generation.
 pub struct Runtime {
-    pub(crate) current: ArcSwap<Snapshot>,
+    pub(crate) current: Current,
     pub(crate) draining: AtomicBool,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) verifier: Verifier,
@@ -204,7 +244,7 @@ impl Runtime {
         };
         let snapshot = Snapshot::build(config, &registry, &limit_registry, &metrics)?;
         let runtime = Arc::new(Self {
-            current: ArcSwap::from_pointee(snapshot),
+            current: Current::new(snapshot),
             draining: AtomicBool::new(false),
             broker: Arc::new(RefreshBroker::new(fleet.clone(), metrics.clone())),
             metrics,

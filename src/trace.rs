@@ -232,7 +232,7 @@ pub fn unix_nanos() -> u64 {
 }
 
 /// Text a span refers to without copying it: read only when the span is
-/// exported (a route's name, the `sub` claim).
+/// exported (the `sub` claim).
 pub trait Text: Send + Sync {
     fn text(&self) -> Option<&str>;
 }

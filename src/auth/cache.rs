@@ -2,11 +2,14 @@
 //! whole token, bounded in entries, never used past the token's `exp` nor across
 //! a change of the issuer's keys. Revocation, audience and scopes are still
 //! checked on every request by the caller.
+//!
+//! One map per worker: a hit takes only the worker's own lock and counts its own
+//! copy of the claims, so a token every worker sees costs no contended cache
+//! line. A token is verified once per worker that sees it.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
-
-use dashmap::DashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::Claims;
 
@@ -46,27 +49,45 @@ impl Hasher for DigestHasher {
     fn write_usize(&mut self, _: usize) {}
 }
 
+type Map = HashMap<TokenHash, Entry, BuildHasherDefault<DigestHasher>>;
+
+/// A worker's map, on cache lines of its own.
+#[repr(align(128))]
+struct Shard(Mutex<Map>);
+
 pub struct TokenCache {
-    map: DashMap<TokenHash, Entry, BuildHasherDefault<DigestHasher>>,
+    shards: Box<[Shard]>,
+    /// Entries per shard: the configured bound split between the workers.
     max: usize,
 }
 
 impl TokenCache {
     pub fn new(max: usize) -> Self {
-        Self { map: DashMap::with_hasher(BuildHasherDefault::default()), max }
+        let n = crate::worker::shards();
+        Self::with_shards(max, n)
+    }
+
+    fn with_shards(max: usize, n: usize) -> Self {
+        let shards = (0..n).map(|_| Shard(Mutex::new(Map::default()))).collect();
+        Self { shards, max: if max == 0 { 0 } else { max.div_ceil(n) } }
     }
 
     pub fn enabled(&self) -> bool {
         self.max > 0
     }
 
+    fn shard(&self) -> MutexGuard<'_, Map> {
+        let s = &self.shards[crate::worker::shard(self.shards.len())];
+        s.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn get(&self, key: &TokenHash, issuer: usize, generation: u64, now: i64) -> Option<Arc<Claims>> {
-        let e = self.map.get(key)?;
+        let mut map = self.shard();
+        let e = map.get(key)?;
         if e.issuer == issuer && e.generation == generation && now <= e.claims.exp {
             return Some(e.claims.clone());
         }
-        drop(e);
-        self.map.remove(key);
+        map.remove(key);
         None
     }
 
@@ -74,24 +95,25 @@ impl TokenCache {
         if self.max == 0 || claims.exp < now {
             return;
         }
-        if self.map.len() >= self.max {
-            self.map.retain(|_, e| e.claims.exp >= now);
-            if self.map.len() >= self.max {
+        let mut map = self.shard();
+        if map.len() >= self.max {
+            map.retain(|_, e| e.claims.exp >= now);
+            if map.len() >= self.max {
                 // Still full of live tokens: start over rather than track recency on every hit.
-                self.map.clear();
+                map.clear();
             }
         }
-        self.map.insert(key, Entry { claims, issuer, generation });
+        map.insert(key, Entry { claims, issuer, generation });
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.shards.iter().map(|s| s.0.lock().unwrap().len()).sum()
     }
 
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 }
 
@@ -120,7 +142,7 @@ mod tests {
 
     #[test]
     fn bounded() {
-        let c = TokenCache::new(3);
+        let c = TokenCache::with_shards(3, 1);
         for i in 0..10 {
             c.insert(hash(&format!("t{i}")), 1, 1, claims(100), 0);
             assert!(c.len() <= 3);
@@ -128,5 +150,35 @@ mod tests {
         let off = TokenCache::new(0);
         off.insert(hash("x"), 1, 1, claims(100), 0);
         assert!(off.is_empty());
+    }
+
+    #[test]
+    fn each_worker_has_its_own_map_within_the_bound() {
+        let c = Arc::new(TokenCache::with_shards(4, 2));
+        let a = hash("token-a");
+        let on = |n: usize, f: Box<dyn FnOnce(&TokenCache) + Send>| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                crate::worker::set(n);
+                f(&c)
+            })
+            .join()
+            .unwrap()
+        };
+        on(0, Box::new(move |c| c.insert(a, 1, 1, claims(100), 0)));
+        on(
+            0,
+            Box::new(move |c| assert!(c.get(&a, 1, 1, 1).is_some(), "a hit on the worker that verified it")),
+        );
+        on(1, Box::new(move |c| assert!(c.get(&a, 1, 1, 1).is_none(), "another worker verifies it itself")));
+        on(
+            1,
+            Box::new(|c| {
+                for i in 0..10 {
+                    c.insert(hash(&format!("t{i}")), 1, 1, claims(100), 0);
+                }
+            }),
+        );
+        assert!(c.len() <= 1 + 2, "each shard holds at most 4 / 2 entries: {}", c.len());
     }
 }

@@ -2,6 +2,8 @@
 //! issued before a time. Checked on every request with two hash lookups; entries
 //! are swept once the tokens they deny would have expired anyway.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
@@ -86,12 +88,58 @@ pub struct Subject<'a> {
     pub session: Option<&'a str>,
 }
 
+/// One kind of entry, with a count that a request reads without a lock:
+/// `DashMap::is_empty` read-locks every shard, and every worker's requests
+/// would take those locks on every request.
+struct List<V> {
+    map: DashMap<String, V>,
+    /// Never below the number of entries: raised before an insert, lowered
+    /// after a removal.
+    len: AtomicUsize,
+}
+
+impl<V> List<V> {
+    fn new() -> Self {
+        Self { map: DashMap::new(), len: AtomicUsize::new(0) }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Acquire) == 0
+    }
+
+    /// Inserts or updates `key` (`update` learns whether it is new); whether it was new.
+    fn upsert(&self, key: &str, new: impl FnOnce() -> V, update: impl FnOnce(&mut V, bool)) -> bool {
+        self.len.fetch_add(1, Ordering::AcqRel);
+        let mut fresh = false;
+        let mut e = self.map.entry(key.to_owned()).or_insert_with(|| {
+            fresh = true;
+            new()
+        });
+        update(&mut e, fresh);
+        drop(e);
+        if !fresh {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
+        fresh
+    }
+
+    fn retain(&self, mut keep: impl FnMut(&V) -> bool) {
+        let mut removed = 0;
+        self.map.retain(|_, v| {
+            let k = keep(v);
+            removed += usize::from(!k);
+            k
+        });
+        self.len.fetch_sub(removed, Ordering::AcqRel);
+    }
+}
+
 pub struct Revocations {
-    by_jti: DashMap<String, i64>,
+    by_jti: List<i64>,
     /// sub → (issued_before, forget_at)
-    by_sub: DashMap<String, (i64, i64)>,
-    by_sid: DashMap<String, (i64, i64)>,
-    by_session: DashMap<String, i64>,
+    by_sub: List<(i64, i64)>,
+    by_sid: List<(i64, i64)>,
+    by_session: List<i64>,
     /// Every entry as it arrives (locally, from the admin API or the fleet), for
     /// the tunnels opened by what it revokes.
     added: tokio::sync::broadcast::Sender<Revocation>,
@@ -100,10 +148,10 @@ pub struct Revocations {
 impl Default for Revocations {
     fn default() -> Self {
         Self {
-            by_jti: DashMap::new(),
-            by_sub: DashMap::new(),
-            by_sid: DashMap::new(),
-            by_session: DashMap::new(),
+            by_jti: List::new(),
+            by_sub: List::new(),
+            by_sid: List::new(),
+            by_session: List::new(),
             added: tokio::sync::broadcast::channel(256).0,
         }
     }
@@ -114,22 +162,25 @@ impl Revocations {
         let until = r.expires_at();
         // A later cut-off denies more; keep the widest one. Whether it denies
         // more than before decides if open tunnels hear of it.
-        let widen = |map: &DashMap<String, (i64, i64)>, id: &str, before: i64| {
-            let mut fresh = false;
-            let mut e = map.entry(id.to_owned()).or_insert_with(|| {
-                fresh = true;
-                (before, until)
-            });
-            let wider = fresh || before > e.0;
-            e.0 = e.0.max(before);
-            e.1 = e.1.max(until);
+        let widen = |list: &List<(i64, i64)>, id: &str, before: i64| {
+            let mut wider = false;
+            list.upsert(
+                id,
+                || (before, until),
+                |e, fresh| {
+                    wider = fresh || before > e.0;
+                    e.0 = e.0.max(before);
+                    e.1 = e.1.max(until);
+                },
+            );
             wider
         };
+        let replace = |list: &List<i64>, id: &str, exp: i64| list.upsert(id, || exp, |e, _| *e = exp);
         let news = match r {
-            Revocation::Jti { jti, exp } => self.by_jti.insert(jti.clone(), *exp).is_none(),
+            Revocation::Jti { jti, exp } => replace(&self.by_jti, jti, *exp),
             Revocation::Sub { sub, issued_before, .. } => widen(&self.by_sub, sub, *issued_before),
             Revocation::Sid { sid, issued_before, .. } => widen(&self.by_sid, sid, *issued_before),
-            Revocation::Session { session, exp } => self.by_session.insert(session.clone(), *exp).is_none(),
+            Revocation::Session { session, exp } => replace(&self.by_session, session, *exp),
         };
         // The fleet's periodic resync re-inserts every entry: only news wakes tunnels.
         if news {
@@ -151,41 +202,50 @@ impl Revocations {
     /// Whether anything denies this token or session. A subject without a time
     /// cannot prove it is newer than a cut-off: it is denied.
     pub fn denies(&self, s: &Subject<'_>) -> bool {
-        let before = |map: &DashMap<String, (i64, i64)>, id: Option<&str>| {
-            !map.is_empty() && id.and_then(|id| map.get(id)).is_some_and(|e| s.since.is_none_or(|t| t < e.0))
+        let before = |list: &List<(i64, i64)>, id: Option<&str>| {
+            !list.is_empty()
+                && id.and_then(|id| list.map.get(id)).is_some_and(|e| s.since.is_none_or(|t| t < e.0))
         };
-        (!self.by_jti.is_empty() && s.jti.is_some_and(|j| self.by_jti.contains_key(j)))
-            || (!self.by_session.is_empty() && s.session.is_some_and(|id| self.by_session.contains_key(id)))
+        (!self.by_jti.is_empty() && s.jti.is_some_and(|j| self.by_jti.map.contains_key(j)))
+            || (!self.by_session.is_empty()
+                && s.session.is_some_and(|id| self.by_session.map.contains_key(id)))
             || before(&self.by_sub, s.sub)
             || before(&self.by_sid, s.sid)
     }
 
     pub fn list(&self) -> Vec<Revocation> {
-        let mut out: Vec<Revocation> =
-            self.by_jti.iter().map(|e| Revocation::Jti { jti: e.key().clone(), exp: *e.value() }).collect();
-        out.extend(self.by_sub.iter().map(|e| Revocation::Sub {
+        let mut out: Vec<Revocation> = self
+            .by_jti
+            .map
+            .iter()
+            .map(|e| Revocation::Jti { jti: e.key().clone(), exp: *e.value() })
+            .collect();
+        out.extend(self.by_sub.map.iter().map(|e| Revocation::Sub {
             sub: e.key().clone(),
             issued_before: e.value().0,
             exp: Some(e.value().1),
             logout: false,
         }));
-        out.extend(self.by_sid.iter().map(|e| Revocation::Sid {
+        out.extend(self.by_sid.map.iter().map(|e| Revocation::Sid {
             sid: e.key().clone(),
             issued_before: e.value().0,
             exp: Some(e.value().1),
         }));
         out.extend(
-            self.by_session.iter().map(|e| Revocation::Session { session: e.key().clone(), exp: *e.value() }),
+            self.by_session
+                .map
+                .iter()
+                .map(|e| Revocation::Session { session: e.key().clone(), exp: *e.value() }),
         );
         out
     }
 
     /// Forgets entries whose tokens (or sessions) have expired by `now`.
     pub fn sweep(&self, now: i64) {
-        self.by_jti.retain(|_, exp| *exp >= now);
-        self.by_sub.retain(|_, (_, until)| *until >= now);
-        self.by_sid.retain(|_, (_, until)| *until >= now);
-        self.by_session.retain(|_, exp| *exp >= now);
+        self.by_jti.retain(|exp| *exp >= now);
+        self.by_sub.retain(|(_, until)| *until >= now);
+        self.by_sid.retain(|(_, until)| *until >= now);
+        self.by_session.retain(|exp| *exp >= now);
     }
 }
 
@@ -209,6 +269,31 @@ mod tests {
         assert!(r.is_revoked(None, Some("alice"), Some(1)));
         r.sweep(50 + DEFAULT_SUB_RETENTION + 1);
         assert!(!r.is_revoked(None, Some("alice"), Some(1)));
+    }
+
+    #[test]
+    fn the_lock_free_count_follows_inserts_and_sweeps() {
+        let r = Revocations::default();
+        assert!(r.by_jti.is_empty() && r.by_sub.is_empty());
+        for _ in 0..2 {
+            r.insert(&Revocation::Jti { jti: "a".into(), exp: 100 });
+            r.insert(&Revocation::Sub {
+                sub: "alice".into(),
+                issued_before: 50,
+                exp: Some(100),
+                logout: false,
+            });
+        }
+        r.insert(&Revocation::Jti { jti: "b".into(), exp: 200 });
+        assert_eq!((r.by_jti.len.load(Ordering::Relaxed), r.by_sub.len.load(Ordering::Relaxed)), (2, 1));
+        r.sweep(150);
+        assert_eq!(r.by_jti.len.load(Ordering::Relaxed), 1);
+        assert!(r.by_sub.is_empty() && r.is_revoked(Some("b"), None, None));
+        r.sweep(201);
+        assert!(r.by_jti.is_empty() && !r.is_revoked(Some("b"), None, None));
+        // Empty lists are skipped, never stuck empty.
+        r.insert(&Revocation::Jti { jti: "c".into(), exp: 300 });
+        assert!(r.is_revoked(Some("c"), None, None));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub(super) async fn serve_connection(
     shared: &Arc<Runtime>,
     signals: &Signals,
 ) {
-    let snap = shared.current.load_full();
+    let snap = shared.current.hold();
     let limits = &snap.limits;
     let mut stop = signals.stop.subscribe();
     let force = signals.force.subscribe();
@@ -296,7 +296,11 @@ async fn drive<C, E>(
 /// The service hyper calls for each request: `proxy::handle` on the snapshot
 /// current when the request starts.
 #[derive(Clone)]
-struct ProxyService {
+struct ProxyService(Arc<Served>);
+
+/// One `Arc` per connection: a request clones only this one, never a count that
+/// every connection's requests share.
+struct Served {
     shared: Arc<Runtime>,
     conn: Arc<Conn>,
 }
@@ -312,15 +316,16 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ProxyServ
     type Future = Answer;
 
     fn call(&self, req: http::Request<hyper::body::Incoming>) -> Answer {
-        let (shared, conn) = (self.shared.clone(), self.conn.clone());
+        let served = self.0.clone();
         Box::pin(async move {
+            let (shared, conn) = (&served.shared, &served.conn);
             let _in_flight = conn.request_started();
             let h1 = req.version() < http::Version::HTTP_2;
             // Each request keeps the configuration it started with, even across a reload.
-            let snap = shared.current.load_full();
+            let snap = shared.current.hold();
             let mut resp = match conn.forward_auth {
-                false => crate::proxy::handle(req, &conn, &snap, &shared).await,
-                true => crate::proxy::authorize_only(req, &conn, &snap, &shared).await,
+                false => crate::proxy::handle(req, conn, &snap, shared).await,
+                true => crate::proxy::authorize_only(req, conn, &snap, shared).await,
             };
             // Draining: an HTTP/1 client must not send its next request on a
             // connection the drain will close, so it is told to reconnect now, while
@@ -337,5 +342,5 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ProxyServ
 }
 
 fn proxy_service(shared: Arc<Runtime>, conn: Arc<Conn>) -> ProxyService {
-    ProxyService { shared, conn }
+    ProxyService(Arc::new(Served { shared, conn }))
 }
