@@ -113,6 +113,9 @@ pub struct Claims {
     pub aud: Vec<String>,
     pub scopes: Vec<String>,
     pub all: serde_json::Map<String, serde_json::Value>,
+    /// `sub` as a header value, made on first use: the default identity header
+    /// of a cached token costs no copy per request.
+    pub sub_header: std::sync::OnceLock<Option<HeaderValue>>,
 }
 
 /// Spans carry `sub` and nothing else of the claims.
@@ -125,6 +128,13 @@ impl crate::trace::Text for Claims {
 impl Claims {
     /// A claim as header text: strings as-is, numbers and booleans as text, arrays joined with `,`.
     pub fn header_value(&self, claim: &str) -> Option<HeaderValue> {
+        if claim == "sub" {
+            return self.sub_header.get_or_init(|| self.made_header_value(claim)).clone();
+        }
+        self.made_header_value(claim)
+    }
+
+    fn made_header_value(&self, claim: &str) -> Option<HeaderValue> {
         use serde_json::Value;
         let text = match self.all.get(claim)? {
             Value::String(s) => s.clone(),
@@ -393,5 +403,10 @@ mod tests {
         assert_eq!(c.header_value("a").unwrap(), "r1,r2");
         assert!(c.header_value("o").is_none());
         assert!(c.header_value("missing").is_none());
+        assert!(c.header_value("sub").is_none() && c.header_value("sub").is_none(), "no sub, twice");
+        let with_sub = serde_json::json!({"sub": 7});
+        let c = Claims { all: with_sub.as_object().unwrap().clone(), ..Default::default() };
+        assert_eq!(c.header_value("sub").unwrap(), "7");
+        assert_eq!(c.header_value("sub").unwrap(), "7", "the second time from the memo");
     }
 }

@@ -4,6 +4,7 @@
 //! listener, and a bounded drain on shutdown.
 
 mod guard;
+mod on_wake;
 mod serve;
 
 use std::future::Future;

@@ -331,7 +331,8 @@ pub fn claims_from(all: Map<String, Value>, exp: i64) -> Claims {
     } else if let Some(Value::String(s)) = all.get("scp") {
         scopes.extend(s.split_ascii_whitespace().map(str::to_owned));
     }
-    Claims { sub: id_claim(all.get("sub")), jti: id_claim(all.get("jti")), exp, iat, aud, scopes, all }
+    let (sub, jti) = (id_claim(all.get("sub")), id_claim(all.get("jti")));
+    Claims { sub, jti, exp, iat, aud, scopes, all, sub_header: Default::default() }
 }
 
 /// A JWT's payload, read without any check: only for a choice a verification

@@ -31,21 +31,22 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// RFC 9110 §7.6.1's hop-by-hop fields, `Upgrade` among them (an upgrade is
-/// re-added by the forwarder when it is one).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "http2-settings"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// re-added by the forwarder when it is one). `connection` first.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "http2-settings",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    HOP_BY_HOP.iter().position(|h| *h == name)
 }
 
 /// Whether the client accepts trailers (`TE: trailers`, as gRPC clients send).
@@ -60,20 +61,36 @@ pub fn asks_trailers(headers: &HeaderMap) -> bool {
 
 /// Removes RFC 9110 §7.6.1 hop-by-hop headers, including those named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none: one pass over the names, removals only if needed.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names; most requests carry none, or `Connection:
+    // keep-alive` only, and are done without allocating.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name.as_str()) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    // Other names `Connection` lists (rare): collected, as removing needs the map.
+    let listed =
+        |t: &&str| !t.eq_ignore_ascii_case("close") && !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(t));
+    let others: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .chain(headers.keys().filter(|n| is_hop_by_hop(n)).cloned())
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && listed(t))
+        .map(str::to_owned)
         .collect();
-    for name in named {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
+    }
+    for name in others {
+        headers.remove(name.as_str());
     }
 }
 
@@ -186,7 +203,7 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop,, close"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
@@ -196,19 +213,7 @@ mod tests {
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
         // Each one alone is seen by the first pass too.
-        let all = [
-            "connection",
-            "http2-settings",
-            "keep-alive",
-            "proxy-connection",
-            "proxy-authenticate",
-            "proxy-authorization",
-            "te",
-            "trailer",
-            "transfer-encoding",
-            "upgrade",
-        ];
-        for name in all {
+        for name in HOP_BY_HOP {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static("1"));
             h.insert("x-kept", HeaderValue::from_static("1"));

@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::on_wake::OnWake;
 use super::{guard, stopped, Kind, Signals};
 use crate::config::Limits;
 use crate::conn::Conn;
@@ -208,18 +209,23 @@ where
     let mut c = http1(limits).serve_connection(TokioIo::new(io), svc);
     let mut closing = false;
     let mut parking = false;
+    // The connection first; the signals and the park timer only when they fire.
+    let mut stopping = std::pin::pin!(OnWake::new(stopped(stop)));
+    let mut park = std::pin::pin!(OnWake::new(conn.park_due(H1_PARK_AFTER)));
+    let mut forced = std::pin::pin!(OnWake::new(stopped(force)));
     let ended = loop {
         tokio::select! {
+            biased;
             r = std::future::poll_fn(|cx| c.poll_without_shutdown(cx)) => break r,
-            _ = stopped(stop), if !closing => {
+            _ = stopping.as_mut(), if !closing => {
                 std::pin::Pin::new(&mut c).graceful_shutdown();
                 closing = true;
             }
-            _ = conn.park_due(H1_PARK_AFTER), if !closing && !parking => {
+            _ = park.as_mut(), if !closing && !parking => {
                 std::pin::Pin::new(&mut c).graceful_shutdown();
                 parking = true;
             }
-            _ = stopped(force) => return None,
+            _ = forced.as_mut() => return None,
         }
     };
     if let Err(e) = ended {
@@ -270,10 +276,13 @@ async fn drive<C, E>(
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(stopping, idle);
+    let (stopping, idle) = (OnWake::new(stopping), OnWake::new(idle));
+    let forced = OnWake::new(stopped(&mut force));
+    tokio::pin!(stopping, idle, forced);
     let mut closing = false;
     loop {
         tokio::select! {
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "connection ended with an error");
@@ -288,7 +297,7 @@ async fn drive<C, E>(
                 graceful(conn.as_mut());
                 closing = true;
             }
-            _ = stopped(&mut force) => return,
+            _ = &mut forced => return,
         }
     }
 }
