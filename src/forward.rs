@@ -175,7 +175,9 @@ impl Forwarder {
         };
         let span = crate::trace::Child::start("upstream");
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, backend.send(Request::from_parts(parts, body))).await;
+        // Pinned here: the timeout holds a pointer, not a copy of the exchange's state.
+        let exchange = std::pin::pin!(backend.send(Request::from_parts(parts, body)));
+        let result = tokio::time::timeout(self.timeout, exchange).await;
         let upstream_time = started.elapsed();
         if let Some(span) = span {
             let mut attrs = vec![crate::trace::Attr::Authority("server.address", backend.authority.clone())];

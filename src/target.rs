@@ -170,7 +170,7 @@ pub fn check_authority(s: &str) -> Result<Option<String>, TargetError> {
     let Some(name) = name else { return Ok(None) };
     let trimmed = name.strip_suffix('.').unwrap_or(name);
     let label_ok =
-        |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+        |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
     if !trimmed.split('.').all(label_ok) {
         return Err(TargetError::BadHost);
     }
@@ -184,7 +184,7 @@ pub fn check_authority(s: &str) -> Result<Option<String>, TargetError> {
 }
 
 fn unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 fn hex_value(b: u8) -> Option<u8> {
