@@ -69,22 +69,13 @@ pub struct Server {
     workers: usize,
 }
 
-/// Workers: `PORTCULLIS_WORKERS`, else one per core the process may run on.
-fn worker_count() -> usize {
-    std::env::var("PORTCULLIS_WORKERS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(crate::worker::shards)
-}
-
 impl Server {
     /// Builds the runtime state and binds every configured listener.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let listen = config.listen.clone();
         let max_connections = config.limits.max_connections;
         let runtime = Runtime::new(config)?;
-        let workers = worker_count();
+        let workers = crate::worker::count();
         let mut proxy = Vec::new();
         let mut addrs = Addrs::default();
         let listeners = [

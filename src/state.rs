@@ -203,7 +203,10 @@ impl Current {
         let _one = self.storing.lock().unwrap_or_else(PoisonError::into_inner);
         self.shared.store(snapshot.clone());
         for held in &self.workers {
-            *held.0.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot.clone());
+            let new = Arc::new(snapshot.clone());
+            let old = std::mem::replace(&mut *held.0.lock().unwrap_or_else(PoisonError::into_inner), new);
+            // Freed (maybe the whole old snapshot) after the worker's slot is unlocked.
+            drop(old);
         }
     }
 }

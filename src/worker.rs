@@ -27,3 +27,12 @@ pub fn shards() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).max(1))
 }
+
+/// Workers: `PORTCULLIS_WORKERS`, else one per core the process may run on.
+pub fn count() -> usize {
+    std::env::var("PORTCULLIS_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(shards)
+}

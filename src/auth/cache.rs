@@ -51,38 +51,41 @@ impl Hasher for DigestHasher {
 
 type Map = HashMap<TokenHash, Entry, BuildHasherDefault<DigestHasher>>;
 
-/// A worker's map, on cache lines of its own.
+/// A worker's map and its share of the bound, on cache lines of its own.
 #[repr(align(128))]
-struct Shard(Mutex<Map>);
+struct Shard {
+    map: Mutex<Map>,
+    max: usize,
+}
 
 pub struct TokenCache {
     shards: Box<[Shard]>,
-    /// Entries per shard: the configured bound split between the workers.
     max: usize,
 }
 
 impl TokenCache {
     pub fn new(max: usize) -> Self {
-        let n = crate::worker::shards();
-        Self::with_shards(max, n)
+        Self::with_shards(max, crate::worker::count())
     }
 
+    /// The bound split between `n` workers, adding up to exactly `max`.
     fn with_shards(max: usize, n: usize) -> Self {
-        let shards = (0..n).map(|_| Shard(Mutex::new(Map::default()))).collect();
-        Self { shards, max: if max == 0 { 0 } else { max.div_ceil(n) } }
+        let share = |i: usize| max / n + usize::from(i < max % n);
+        let shards = (0..n).map(|i| Shard { map: Mutex::new(Map::default()), max: share(i) }).collect();
+        Self { shards, max }
     }
 
     pub fn enabled(&self) -> bool {
         self.max > 0
     }
 
-    fn shard(&self) -> MutexGuard<'_, Map> {
+    fn shard(&self) -> (MutexGuard<'_, Map>, usize) {
         let s = &self.shards[crate::worker::shard(self.shards.len())];
-        s.0.lock().unwrap_or_else(PoisonError::into_inner)
+        (s.map.lock().unwrap_or_else(PoisonError::into_inner), s.max)
     }
 
     pub fn get(&self, key: &TokenHash, issuer: usize, generation: u64, now: i64) -> Option<Arc<Claims>> {
-        let mut map = self.shard();
+        let (mut map, _) = self.shard();
         let e = map.get(key)?;
         if e.issuer == issuer && e.generation == generation && now <= e.claims.exp {
             return Some(e.claims.clone());
@@ -95,10 +98,13 @@ impl TokenCache {
         if self.max == 0 || claims.exp < now {
             return;
         }
-        let mut map = self.shard();
-        if map.len() >= self.max {
+        let (mut map, max) = self.shard();
+        if max == 0 {
+            return;
+        }
+        if map.len() >= max {
             map.retain(|_, e| e.claims.exp >= now);
-            if map.len() >= self.max {
+            if map.len() >= max {
                 // Still full of live tokens: start over rather than track recency on every hit.
                 map.clear();
             }
@@ -108,7 +114,7 @@ impl TokenCache {
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.lock().unwrap().len()).sum()
+        self.shards.iter().map(|s| s.map.lock().unwrap().len()).sum()
     }
 
     #[cfg(test)]
@@ -180,5 +186,11 @@ mod tests {
             }),
         );
         assert!(c.len() <= 1 + 2, "each shard holds at most 4 / 2 entries: {}", c.len());
+        let odd = TokenCache::with_shards(5, 3);
+        assert_eq!(
+            odd.shards.iter().map(|s| s.max).collect::<Vec<_>>(),
+            [2, 2, 1],
+            "exactly the bound in all"
+        );
     }
 }
