@@ -42,7 +42,7 @@ fn readyz(rt: &Runtime) -> Response<Body> {
     if rt.draining.load(Ordering::SeqCst) {
         return json_response(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "draining"}));
     }
-    let snap = rt.current.load();
+    let snap = rt.current.hold();
     let waiting: Vec<&str> =
         snap.issuers.values().filter(|i| !i.keys.is_ready()).map(|i| i.keys.name()).collect();
     if !rt.fleet.ready() {

@@ -24,7 +24,7 @@ pub enum ReloadError {
 /// Loads, validates and swaps in `path`; on failure the running configuration stays.
 pub fn reload(rt: &Runtime, path: &Path) -> Result<(), ReloadError> {
     let result = crate::config::load(path).map_err(ReloadError::from).and_then(|config| {
-        let old = rt.current.load();
+        let old = rt.current.hold();
         if config.listen != old.listen {
             tracing::warn!("[listen] changed; listener addresses take effect only on restart");
         }

@@ -75,7 +75,7 @@ impl Server {
         let listen = config.listen.clone();
         let max_connections = config.limits.max_connections;
         let runtime = Runtime::new(config)?;
-        let workers = crate::worker::count();
+        let workers = crate::worker::shards();
         let mut proxy = Vec::new();
         let mut addrs = Addrs::default();
         let listeners = [
@@ -170,14 +170,14 @@ impl Server {
         shutdown.await;
         // /readyz answers 503 from now; keep serving until balancers have noticed.
         self.runtime.draining.store(true, Ordering::SeqCst);
-        let delay = self.runtime.current.load().limits.drain_delay;
+        let delay = self.runtime.current.hold().limits.drain_delay;
         if !delay.is_zero() {
             tracing::info!(drain_delay = ?delay, "shutting down: not ready; still accepting for drain_delay");
             tokio::time::sleep(delay).await;
         }
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         proxy.stop();
-        let drain = self.runtime.current.load().limits.drain_timeout;
+        let drain = self.runtime.current.hold().limits.drain_timeout;
         match tokio::time::timeout(drain, open.none_left()).await {
             Ok(()) => tracing::info!("drained"),
             Err(_) => {
@@ -345,7 +345,7 @@ async fn sweep(runtime: std::sync::Weak<Runtime>) {
         tokio::time::sleep(Duration::from_secs(30)).await;
         let Some(rt) = runtime.upgrade() else { return };
         rt.verifier.revocations.sweep(unix_now());
-        rt.current.load().rate_limits.sweep();
+        rt.current.hold().rate_limits.sweep();
     }
 }
 

@@ -7,7 +7,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use arc_swap::ArcSwap;
 use http::header::HeaderName;
 
 use crate::auth::jwks::Registry;
@@ -165,9 +164,8 @@ impl Snapshot {
 /// its snapshot through an `Arc` of its worker's own, so starting and ending
 /// one touches no count that every worker's requests share.
 pub(crate) struct Current {
-    shared: ArcSwap<Snapshot>,
     workers: Box<[Slot]>,
-    /// One store at a time, so every slot ends with the same snapshot as `shared`.
+    /// One store at a time, so every slot ends with the same snapshot.
     storing: Mutex<()>,
 }
 
@@ -184,15 +182,11 @@ impl Current {
         let shared = Arc::new(snapshot);
         let workers =
             (0..crate::worker::shards()).map(|_| Slot(Mutex::new(Arc::new(shared.clone())))).collect();
-        Self { shared: ArcSwap::new(shared), workers, storing: Mutex::new(()) }
+        Self { workers, storing: Mutex::new(()) }
     }
 
-    /// For a quick look (admin, drain settings): not held across awaits.
-    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
-        self.shared.load()
-    }
-
-    /// The snapshot a request (or connection) keeps to its end, even across a reload.
+    /// The snapshot in force, which a request (or connection) keeps to its end,
+    /// even across a reload.
     pub(crate) fn hold(&self) -> Held {
         let held = &self.workers[crate::worker::shard(self.workers.len())];
         held.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
@@ -201,7 +195,6 @@ impl Current {
     /// Puts `snapshot` in force: requests that start after this returns use it.
     pub(crate) fn store(&self, snapshot: Arc<Snapshot>) {
         let _one = self.storing.lock().unwrap_or_else(PoisonError::into_inner);
-        self.shared.store(snapshot.clone());
         for held in &self.workers {
             let new = Arc::new(snapshot.clone());
             let old = std::mem::replace(&mut *held.0.lock().unwrap_or_else(PoisonError::into_inner), new);

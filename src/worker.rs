@@ -1,6 +1,6 @@
 //! Which worker thread runs the current code, so per-worker state (upstream
-//! pools, request counters) is reached without touching another core's cache
-//! lines.
+//! pools, request counters, verified tokens, the configuration handle) is
+//! reached without touching another core's cache lines.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -21,18 +21,15 @@ pub fn shard(len: usize) -> usize {
     INDEX.with(Cell::get) % len
 }
 
-/// How many shards per-worker state has: one per core the process may use
-/// (the default worker count).
+/// How many workers run, and so how many shards per-worker state has:
+/// `PORTCULLIS_WORKERS`, else one per core the process may run on.
 pub fn shards() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).max(1))
-}
-
-/// Workers: `PORTCULLIS_WORKERS`, else one per core the process may run on.
-pub fn count() -> usize {
-    std::env::var("PORTCULLIS_WORKERS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(shards)
+    *N.get_or_init(|| {
+        std::env::var("PORTCULLIS_WORKERS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
 }

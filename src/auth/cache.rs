@@ -65,7 +65,7 @@ pub struct TokenCache {
 
 impl TokenCache {
     pub fn new(max: usize) -> Self {
-        Self::with_shards(max, crate::worker::count())
+        Self::with_shards(max, crate::worker::shards())
     }
 
     /// The bound split between `n` workers, adding up to exactly `max`.
