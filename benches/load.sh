@@ -16,6 +16,9 @@
 # upstream nginx's HTTP/2 port), an opaque token whose introspection answer is
 # cached (from a second nginx standing in for the endpoint), 1 vs 2 workers
 # unpinned, and portcullis' RSS idle and with 10,000 keep-alive connections.
+# `hyper_floor` (examples/hyper_floor.rs) is the HTTP stack alone: hyper's
+# server and client connections forwarding as portcullis does, with nothing
+# else; what portcullis costs above it is its own work.
 # Traffic goes to 127.0.0.1 only; every run is bounded in time.
 #
 #   benches/load.sh [DURATION_SECS] [ROUNDS]
@@ -51,8 +54,9 @@ PCR=18097; ADMR=18098   # one rate limit and 20 rules on the route
 PCH=18099; ADMH=18100; UPH2=18101   # upstream_protocol = "h2" to the upstream's HTTP/2 port
 PCB=18102; ADMB=18103   # BASELINE_BIN
 PCI=18104; ADMI=18105; INTRO=18106   # an opaque token, cached after one RFC 7662 introspection
+FLR=18107   # examples/hyper_floor
 FIX=$PWD/tests/fixtures
-cargo build --release --quiet --bin portcullis --example mint
+cargo build --release --quiet --bin portcullis --example mint --example hyper_floor
 BIN=$PWD/target/release/portcullis
 ISS=https://id.example.com
 target/release/examples/mint 1 $ISS 86400 > "$WORK/token"
@@ -166,6 +170,9 @@ if [ -n "${BASELINE_BIN:-}" ]; then
   pc_config $PCB $ADMB 100000 "" > "$WORK/pc-baseline.toml"
   PCB_PID=$(start_pc "$WORK/pc-baseline.toml" warn $ADMB "$BASELINE_BIN")
 fi
+$SUT target/release/examples/hyper_floor 127.0.0.1:$FLR 127.0.0.1:$UP &
+FLR_PID=$!
+echo $FLR_PID >> "$WORK/pids"
 sleep 1
 rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 IDLE_RSS=$(rss "$PC_PID")
@@ -219,6 +226,7 @@ for r in $(seq "$ROUNDS"); do
   wrk_run nginx "$NGX_PID" 64 -s "$WORK/report.lua" "http://127.0.0.1:$NGX/"
   wrk_run haproxy_jwt "$HAP_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$HAP/"
   wrk_run portcullis "$PC_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PC/"
+  wrk_run hyper_floor "$FLR_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$FLR/"
   [ -n "${PCB_PID:-}" ] && wrk_run portcullis_baseline "$PCB_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCB/"
   wrk_run portcullis_1000_tokens "$PC_PID" 64 -s "$WORK/many.lua" "http://127.0.0.1:$PC/"
   wrk_run portcullis_nocache "$PCN_PID" 64 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PCN/"
@@ -318,6 +326,8 @@ ratio("portcullis / nginx", "portcullis", "nginx", 0.8)
 if "portcullis" in med and "nginx" in med:
     t = med["portcullis"][1] / med["nginx"][1]
     print(f"req/s portcullis / nginx: {t:.2f}x" + ("  met" if t >= 1 else "  MISSED (target >= 1x)"))
+ratio("hyper_floor (the HTTP stack alone) / nginx", "hyper_floor", "nginx")
+ratio("portcullis / hyper_floor", "portcullis", "hyper_floor")
 ratio("portcullis 1000 tokens / nginx", "portcullis_1000_tokens", "nginx")
 ratio("portcullis cache off / haproxy jwt_verify", "portcullis_nocache", "haproxy_jwt", 0.67)
 if "portcullis_nocache" in med and "haproxy_jwt" in med:

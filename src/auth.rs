@@ -310,7 +310,8 @@ impl Verifier {
         let mut result = jwt::verify(token, &issuer.policy, &set, now);
         if matches!(result, Err(jwt::Rejected::UnknownKid)) {
             let kid = jwt::header(token).ok().and_then(|h| h.kid).unwrap_or_default();
-            if keys.refetch_for(&kid).await {
+            // Boxed: only an unknown `kid` pays for the fetch's state.
+            if Box::pin(keys.refetch_for(&kid)).await {
                 generation = keys.generation();
                 set = keys.current().ok_or_else(unavailable)?;
                 result = jwt::verify(token, &issuer.policy, &set, now);

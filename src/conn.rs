@@ -16,6 +16,9 @@ pub struct Conn {
     /// once per connection rather than once per request.
     pub peer_ip: http::HeaderValue,
     pub forwarded_for: http::HeaderValue,
+    /// `Forwarded` for the first `Host` the connection's requests named: a
+    /// keep-alive client names the same one every time.
+    forwarded_host: std::sync::OnceLock<(http::HeaderValue, Option<http::HeaderValue>)>,
     pub tls: bool,
     /// Arrived on the forward-auth listener: requests are authorization subrequests.
     pub forward_auth: bool,
@@ -52,6 +55,7 @@ impl Conn {
             peer,
             peer_ip,
             forwarded_for,
+            forwarded_host: std::sync::OnceLock::new(),
             tls,
             forward_auth: false,
             last_request_ms: AtomicU64::new(0),
@@ -64,6 +68,25 @@ impl Conn {
     /// A connection of the forward-auth listener.
     pub fn for_forward_auth(peer: SocketAddr) -> Self {
         Self { forward_auth: true, ..Self::new(peer, false) }
+    }
+
+    /// The `Forwarded` value for `host`: made by `make` once per connection for
+    /// its first host, and for any other host each time it is asked for.
+    pub fn forwarded_with_host(
+        &self,
+        host: &http::HeaderValue,
+        make: impl FnOnce() -> Option<http::HeaderValue>,
+    ) -> Option<http::HeaderValue> {
+        if let Some((h, v)) = self.forwarded_host.get() {
+            return if h == host { v.clone() } else { make() };
+        }
+        let v = make();
+        // A copy: the request's own value shares its read buffer, which the
+        // connection must not keep while it idles.
+        if let Ok(h) = http::HeaderValue::from_bytes(host.as_bytes()) {
+            let _ = self.forwarded_host.set((h, v.clone()));
+        }
+        v
     }
 
     /// Records that a request started now; it is in flight until the guard drops.

@@ -66,8 +66,10 @@ pub async fn handle(
     let uri = req.uri().clone();
     let mut record = Record::default();
     let grpc = is_grpc(req.headers());
-    let work = pipeline(req, conn, snap, rt, &mut record);
-    let resp = match trace::in_scope(begun.recording.clone(), work).await {
+    // Built where it is awaited, not bound to a local: a moved-from local keeps
+    // its room in this future's state, which would then hold the pipeline twice.
+    let rec = begun.recording.clone();
+    let resp = match trace::in_scope(rec, pipeline(req, conn, snap, rt, &mut record)).await {
         Ok(resp) => resp,
         Err(e) => failed(e, &mut record, rt, grpc),
     };
@@ -108,11 +110,12 @@ pub async fn authorize_only(
     let mut record = Record::default();
     let (resp, method, uri) = match crate::forward_auth::read(&req, conn) {
         Ok(original) => {
-            let work = decide_only(&req, &original, snap, rt, conn, &mut record);
-            let resp = match trace::in_scope(begun.recording.clone(), work).await {
-                Ok(resp) => resp,
-                Err(e) => failed(e, &mut record, rt, false),
-            };
+            let rec = begun.recording.clone();
+            let resp =
+                match trace::in_scope(rec, decide_only(&req, &original, snap, rt, conn, &mut record)).await {
+                    Ok(resp) => resp,
+                    Err(e) => failed(e, &mut record, rt, false),
+                };
             (resp, original.method, original.target.uri().clone())
         }
         Err(why) => {
@@ -233,7 +236,9 @@ async fn admit<'s>(
             let mut credential = Credential::from_header(headers);
             if let (Credential::None, Some(cx), true) = (&credential, session, policy.mode != AuthMode::None)
             {
-                credential = cx.credential(method, headers, own, policy, &mut record.set_cookies).await?;
+                // Boxed (as the rare paths below): a bearer request's future stays small.
+                let session_credential = cx.credential(method, headers, own, policy, &mut record.set_cookies);
+                credential = Box::pin(session_credential).await?;
             }
             auth::authenticate(credential, policy, rule, &rt.verifier).await?
         }
@@ -267,7 +272,7 @@ async fn pipeline<'s>(
             if login && !snap.rate_limits.is_empty() {
                 snap.rate_limits.before_auth(None, true, conn.peer.ip(), req.headers())?;
             }
-            return Ok(endpoints::serve(ep, req, conn, &target, cx, &mut record.set_cookies).await?);
+            return Ok(Box::pin(endpoints::serve(ep, req, conn, &target, cx, &mut record.set_cookies)).await?);
         }
     }
     // 3–4. Route by host and path; the deciding rule, the credential, its checks.

@@ -26,12 +26,14 @@ pub fn read(headers: &HeaderMap) -> Bearer<'_> {
     if bytes.len() > 6 && bytes[6] != b' ' {
         return Bearer::Absent;
     }
-    match value.to_str() {
-        Ok(v) => match v[6..].trim() {
+    // A HeaderValue holds no control byte but HTAB, so it is `to_str`'s visible
+    // ASCII exactly when it is ASCII; `is_ascii` checks a word at a time.
+    match std::str::from_utf8(bytes) {
+        Ok(v) if bytes.is_ascii() => match v[6..].trim() {
             "" => Bearer::Empty,
             t => Bearer::Token(t),
         },
-        Err(_) => Bearer::Empty,
+        _ => Bearer::Empty,
     }
 }
 
@@ -51,10 +53,16 @@ mod tests {
             ("Bearer    ", Bearer::Empty),
             ("Basic dXNlcjpwYXNz", Bearer::Absent),
             ("Bearerish x", Bearer::Absent),
+            ("Bearer\tabc", Bearer::Absent),
         ];
         for (v, want) in cases {
             h.insert(header::AUTHORIZATION, HeaderValue::from_static(v));
             assert_eq!(read(&h), want, "{v}");
         }
+        // Bytes `to_str` refuses (obs-text) are no token.
+        h.insert(header::AUTHORIZATION, HeaderValue::from_bytes(b"Bearer abc\xe9").unwrap());
+        assert_eq!(read(&h), Bearer::Empty);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_bytes("Bearer \u{e9}t\u{e9}".as_bytes()).unwrap());
+        assert_eq!(read(&h), Bearer::Empty);
     }
 }

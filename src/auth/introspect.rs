@@ -128,7 +128,8 @@ impl Introspector {
         let key = hash(token);
         let answer = match self.cached(&key) {
             Some(a) => Ok(a),
-            None => self.call_shared(key, token).await,
+            // Boxed: a cache hit's future does not carry the call's state.
+            None => Box::pin(self.call_shared(key, token)).await,
         };
         match answer {
             Ok(Answer::Active(c)) if c.exp >= unix_now() => Ok(c),

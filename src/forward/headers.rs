@@ -111,54 +111,64 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// `X-Forwarded-For` (appended), `-Proto`, `-Host`, and RFC 7239 `Forwarded`,
 /// which replaces whatever the client sent.
 pub fn set_forwarded(headers: &mut HeaderMap, conn: &Conn, host: Option<HeaderValue>) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    // Every earlier hop, however many header lines carried them.
-    let mut value = String::new();
-    for prev in headers.get_all(&xff).iter().filter_map(|v| v.to_str().ok()) {
-        let prev = prev.trim();
-        if !prev.is_empty() {
-            value.push_str(prev);
-            value.push_str(", ");
+    // One lookup whether or not earlier hops are there.
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(v) => {
+            v.insert(conn.peer_ip.clone());
         }
-    }
-    if value.is_empty() {
-        headers.insert(xff, conn.peer_ip.clone());
-    } else {
-        value.push_str(conn.peer_ip.to_str().unwrap_or(""));
-        if let Ok(v) = HeaderValue::try_from(value) {
-            headers.insert(xff, v);
+        header::Entry::Occupied(mut o) => {
+            // Every earlier hop, however many header lines carried them.
+            let mut value = String::new();
+            for prev in o.iter().filter_map(|v| v.to_str().ok()) {
+                let prev = prev.trim();
+                if !prev.is_empty() {
+                    value.push_str(prev);
+                    value.push_str(", ");
+                }
+            }
+            value.push_str(conn.peer_ip.to_str().unwrap_or(""));
+            if let Ok(v) = HeaderValue::try_from(value) {
+                o.insert(v);
+            }
         }
     }
     let proto = conn.scheme();
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
-    let forwarded = match host.as_ref().and_then(|h| h.to_str().ok()) {
-        // A port's colon is not a token character: quote it.
-        Some(h) => {
-            let q = if h.contains(':') { "\"" } else { "" };
-            let mut f = String::with_capacity(conn.forwarded_for.len() + h.len() + 8);
-            for part in [conn.forwarded_for.to_str().unwrap_or(""), ";host=", q, h, q] {
-                f.push_str(part);
-            }
-            HeaderValue::try_from(f)
-        }
-        None => Ok(conn.forwarded_for.clone()),
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    let forwarded = match &host {
+        Some(h) => conn.forwarded_with_host(h, || forwarded_value(conn, h)),
+        None => Some(conn.forwarded_for.clone()),
     };
     match forwarded {
-        Ok(v) => headers.insert(header::FORWARDED, v),
-        Err(_) => headers.remove(header::FORWARDED),
+        Some(v) => headers.insert(header::FORWARDED, v),
+        None => headers.remove(header::FORWARDED),
     };
-    let xfh = HeaderName::from_static("x-forwarded-host");
     match host {
         Some(v) => {
-            headers.insert(xfh, v);
+            headers.insert(X_FORWARDED_HOST.clone(), v);
         }
         None => {
-            headers.remove(xfh);
+            headers.remove(&X_FORWARDED_HOST);
         }
     }
+}
+
+/// `Forwarded: for=…;host=…`.
+fn forwarded_value(conn: &Conn, host: &HeaderValue) -> Option<HeaderValue> {
+    let h = host.to_str().ok()?;
+    // A port's colon is not a token character: quote it.
+    let q = if h.contains(':') { "\"" } else { "" };
+    let mut f = String::with_capacity(conn.forwarded_for.len() + h.len() + 8);
+    for part in [conn.forwarded_for.to_str().unwrap_or(""), ";host=", q, h, q] {
+        f.push_str(part);
+    }
+    HeaderValue::try_from(f).ok()
 }
 
 /// Removes the proxy's own cookies (and their chunks `NAME.0`, `NAME.1`, …) from the
@@ -244,6 +254,24 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
         assert!(!h.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn forwarded_follows_each_requests_host_on_one_connection() {
+        let c = Conn::new("10.1.2.3:5000".parse().unwrap(), false);
+        for host in ["a.example", "b.example:8080", "a.example", "b.example:8080"] {
+            let mut h = HeaderMap::new();
+            h.append("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
+            h.append("x-forwarded-for", HeaderValue::from_static(" 192.0.2.2 "));
+            set_forwarded(&mut h, &c, Some(HeaderValue::from_static(host)));
+            let quoted = if host.contains(':') { format!("\"{host}\"") } else { host.to_owned() };
+            assert_eq!(h["forwarded"], format!("for=10.1.2.3;proto=http;host={quoted}"));
+            assert_eq!(h["x-forwarded-host"], host);
+            assert_eq!(
+                h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+                ["192.0.2.1, 192.0.2.2, 10.1.2.3"]
+            );
+        }
     }
 
     #[test]

@@ -357,7 +357,7 @@ impl Backend {
     /// with a body that gives the connection back to the pool once read to the end.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<PooledBody>, UpstreamError> {
         if let Some(shards) = &self.h2 {
-            return self.send_h2(shards, req).await;
+            return Box::pin(self.send_h2(shards, req)).await;
         }
         let mut req = req;
         if let Some(mut link) = self.pool.take() {
@@ -371,7 +371,8 @@ impl Backend {
                 },
             }
         }
-        let mut link = self.connect().await?;
+        // Boxed: a pooled connection's exchange does not carry a handshake's state.
+        let mut link = Box::pin(self.connect()).await?;
         let sent = link.sender.send_request(req);
         let resp = link.exchange(sent).await.map_err(UpstreamError::Exchange)?;
         Ok(self.pooled(resp, link))
