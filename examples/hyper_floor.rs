@@ -96,7 +96,11 @@ async fn forward(
     upstream: Rc<str>,
     req: Request<Incoming>,
 ) -> Result<Response<Pooled>, Box<dyn std::error::Error + Send + Sync>> {
-    let pooled = pool.borrow_mut().pop();
+    // An idle connection is polled once first, so one the upstream closed is dropped.
+    let pooled = std::iter::from_fn(|| pool.borrow_mut().pop()).find_map(|mut link| {
+        link.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        (link.driver.is_some() && !link.sender.is_closed()).then_some(link)
+    });
     let mut link = match pooled {
         Some(link) => link,
         None => {
