@@ -47,6 +47,17 @@ struct Pooled {
     link: Option<(Link, Pool)>,
 }
 
+impl Pooled {
+    /// Read to the end: the connection, if still open, serves the next request.
+    fn give_back(&mut self) {
+        if let Some((link, pool)) = self.link.take() {
+            if link.driver.is_some() && !link.sender.is_closed() {
+                pool.borrow_mut().push(link);
+            }
+        }
+    }
+}
+
 impl Body for Pooled {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -61,11 +72,7 @@ impl Body for Pooled {
         }
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = frame {
-            if let Some((link, pool)) = this.link.take() {
-                if link.driver.is_some() && !link.sender.is_closed() {
-                    pool.borrow_mut().push(link);
-                }
-            }
+            this.give_back();
         }
         frame
     }
@@ -82,11 +89,7 @@ impl Body for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         if self.inner.is_end_stream() {
-            if let Some((link, pool)) = self.link.take() {
-                if link.driver.is_some() && !link.sender.is_closed() {
-                    pool.borrow_mut().push(link);
-                }
-            }
+            self.give_back();
         }
     }
 }

@@ -236,9 +236,7 @@ async fn admit<'s>(
             let mut credential = Credential::from_header(headers);
             if let (Credential::None, Some(cx), true) = (&credential, session, policy.mode != AuthMode::None)
             {
-                // Boxed (as the rare paths below): a bearer request's future stays small.
-                let session_credential = cx.credential(method, headers, own, policy, &mut record.set_cookies);
-                credential = Box::pin(session_credential).await?;
+                credential = cx.credential(method, headers, own, policy, &mut record.set_cookies).await?;
             }
             auth::authenticate(credential, policy, rule, &rt.verifier).await?
         }

@@ -174,7 +174,8 @@ impl SessionCtx<'_> {
         }
         if needs_refresh {
             let Some(rc) = refresh else { return Err(AuthError::Missing) };
-            match refresh::renew(&rc, &jar, self.sessions, self, set_cookies).await {
+            // Boxed: only a refresh pays for the token call's state, not every request's future.
+            match Box::pin(refresh::renew(&rc, &jar, self.sessions, self, set_cookies)).await {
                 Ok(fresh) => {
                     let claims = policy.check(&fresh.access_token, self.verifier).await?;
                     current = Some((claims, fresh.access_token.clone()));

@@ -28,12 +28,12 @@ pub fn read(headers: &HeaderMap) -> Bearer<'_> {
     }
     // A HeaderValue holds no control byte but HTAB, so it is `to_str`'s visible
     // ASCII exactly when it is ASCII; `is_ascii` checks a word at a time.
-    match std::str::from_utf8(bytes) {
-        Ok(v) if bytes.is_ascii() => match v[6..].trim() {
-            "" => Bearer::Empty,
-            t => Bearer::Token(t),
-        },
-        _ => Bearer::Empty,
+    if !bytes.is_ascii() {
+        return Bearer::Empty;
+    }
+    match std::str::from_utf8(&bytes[6..]).map(str::trim) {
+        Ok("") | Err(_) => Bearer::Empty,
+        Ok(t) => Bearer::Token(t),
     }
 }
 
