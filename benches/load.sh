@@ -244,6 +244,7 @@ for r in $(seq "$ROUNDS"); do
   wrk_run lat_direct "$UP_PID" 1 -s "$WORK/report.lua" "http://127.0.0.1:$UP/"
   wrk_run lat_nginx "$NGX_PID" 1 -s "$WORK/report.lua" "http://127.0.0.1:$NGX/"
   wrk_run lat_portcullis "$PC_PID" 1 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$PC/"
+  wrk_run lat_hyper_floor "$FLR_PID" 1 "${AUTH[@]}" -s "$WORK/report.lua" "http://127.0.0.1:$FLR/"
 done
 
 # 1 vs 2 workers, unpinned: portcullis free on both cores, wrk beside it.
@@ -265,7 +266,7 @@ done
 fi
 
 # 10,000 open keep-alive connections, each having made one request.
-CONN_RSS=-; OPEN=0
+CONN_RSS="- MB"; OPEN=0
 if want rss; then
 $GEN python3 - "$PC" "$TOKEN" <<'PY' &
 import asyncio, sys
@@ -281,7 +282,7 @@ async def main():
     for i in range(0, 10000, 500):
         await asyncio.gather(*(one(held) for _ in range(500)))
     print(f"OPEN {len(held)}", flush=True)
-    await asyncio.sleep(25)
+    await asyncio.sleep(90)
 asyncio.run(main())
 PY
 HOLD=$!
@@ -289,11 +290,19 @@ for _ in $(seq 100); do
   OPEN=$(curl -fsS "http://127.0.0.1:$ADM/metrics" | awk '/^portcullis_open_connections/ {print $2}')
   [ "${OPEN:-0}" -ge 10000 ] && break; sleep 0.2
 done
-# Idle connections give their buffers back after 2 s; the allocator returns the
-# pages to the system within its decay time.
-sleep 15
-CONN_RSS=$(rss "$PC_PID")
-wait $HOLD || true
+# Idle connections give their buffers back after 2 s; jemalloc returns the
+# pages within its 10 s decay. Sample each second until two samples 5 s apart
+# agree within 1 % (at most 45 s); the peak is what the opening burst took.
+PEAK_RSS=0; CONN_RSS=$(rss "$PC_PID"); samples=()
+for i in $(seq 45); do
+  sleep 1
+  now=$(rss "$PC_PID"); samples+=("$now")
+  PEAK_RSS=$(awk -v a="$PEAK_RSS" -v b="$now" 'BEGIN {print (b > a) ? b : a}')
+  CONN_RSS=$now
+  [ "$i" -ge 12 ] && awk -v a="${samples[$((i - 6))]}" -v b="$now" 'BEGIN {exit !(a - b <= a * 0.01 && b - a <= a * 0.01)}' && break
+done
+CONN_RSS="$CONN_RSS MB settled (peak $PEAK_RSS MB)"
+kill "$HOLD" 2>/dev/null; wait "$HOLD" 2>/dev/null || true
 fi
 
 echo
@@ -346,7 +355,9 @@ if all(k in med for k in ("lat_direct", "lat_nginx", "lat_portcullis")):
     d = med["lat_direct"][2]
     pn, pp = med["lat_nginx"][2] - d, med["lat_portcullis"][2] - d
     print(f"added p50 latency, one connection: nginx {pn:.0f} µs, portcullis {pp:.0f} µs" + ("  met" if pp <= pn else "  MISSED"))
+    if "lat_hyper_floor" in med:
+        print(f"added p50 latency, one connection: hyper_floor {med['lat_hyper_floor'][2] - d:.0f} µs")
 for name in ("portcullis_trace_1.0", "portcullis_trace_0.01"):
     print(f"{name}: trace export errors {drops.get(name, '-')}")
-print(f"portcullis RSS idle: {idle} MB; with {opened} open keep-alive connections: {conn} MB")
+print(f"portcullis RSS idle: {idle} MB; with {opened} open keep-alive connections: {conn}")
 PY
