@@ -293,7 +293,7 @@ done
 # Idle connections give their buffers back after 2 s; jemalloc returns the
 # pages within its 10 s decay. Sample each second until two samples 5 s apart
 # agree within 1 % (at most 45 s); the peak is what the opening burst took.
-PEAK_RSS=0; CONN_RSS=$(rss "$PC_PID"); samples=()
+PEAK_RSS=0; samples=()
 for i in $(seq 45); do
   sleep 1
   now=$(rss "$PC_PID"); samples+=("$now")
@@ -354,9 +354,8 @@ ratio("upstream_protocol h2 portcullis / nginx", "portcullis_h2_upstream", "ngin
 if all(k in med for k in ("lat_direct", "lat_nginx", "lat_portcullis")):
     d = med["lat_direct"][2]
     pn, pp = med["lat_nginx"][2] - d, med["lat_portcullis"][2] - d
-    print(f"added p50 latency, one connection: nginx {pn:.0f} µs, portcullis {pp:.0f} µs" + ("  met" if pp <= pn else "  MISSED"))
-    if "lat_hyper_floor" in med:
-        print(f"added p50 latency, one connection: hyper_floor {med['lat_hyper_floor'][2] - d:.0f} µs")
+    floor = f", hyper_floor {med['lat_hyper_floor'][2] - d:.0f} µs" if "lat_hyper_floor" in med else ""
+    print(f"added p50 latency, one connection: nginx {pn:.0f} µs, portcullis {pp:.0f} µs{floor}" + ("  met" if pp <= pn else "  MISSED"))
 for name in ("portcullis_trace_1.0", "portcullis_trace_0.01"):
     print(f"{name}: trace export errors {drops.get(name, '-')}")
 print(f"portcullis RSS idle: {idle} MB; with {opened} open keep-alive connections: {conn}")
